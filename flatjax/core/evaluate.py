@@ -1,0 +1,199 @@
+"""Probe evaluation: loss, aux and gradient at several points, sequentially, vectorized or on devices.
+
+The strategy changes speed and memory, never the result (tests check equality within float tolerance):
+
+* ``"sequential"`` — one gradient pass after another (a Python loop traced into the one jitted step).
+* ``"vmap"``       — ``jax.vmap`` over a stacked probe axis. Fast for matmul-heavy models; on CPU a conv
+  net's vmapped gradient becomes a grouped convolution that can cost several single passes (measured in
+  ``experiments/results/bench_step.md``).
+* :class:`ShardMapProbes` — ``jax.shard_map`` over one mesh axis: each device group evaluates its share of
+  the probes (m-ARWP's clean and perturbed passes on different devices: SGD-like critical path).
+
+Inside a user's own ``shard_map`` for data parallelism, pass ``axis_name``: parameters are made
+device-varying before differentiation (otherwise the gradient of a replicated parameter comes back
+already SUMMED over devices) and losses/gradients are then averaged with ``pmean`` explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from flatjax.core.tree import PyTree, stack
+
+STRATEGIES = ("sequential", "vmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardMapProbes:
+    """Evaluate probes in parallel over the mesh axis ``axis`` with ``jax.shard_map``.
+
+    The number of probes must be a multiple of ``mesh.shape[axis]``; each device group evaluates
+    ``n_probes / axis_size`` of them (vectorized with vmap when more than one).
+    """
+
+    mesh: Mesh
+    axis: str = "probe"
+
+    def __post_init__(self):
+        if not isinstance(self.mesh, Mesh):
+            raise ValueError(f"strategy.mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
+        if self.axis not in self.mesh.axis_names:
+            raise ValueError(
+                f"strategy.axis must be one of the mesh axes {self.mesh.axis_names}, got {self.axis!r}"
+            )
+
+    @property
+    def size(self) -> int:
+        return int(self.mesh.shape[self.axis])
+
+
+Strategy = Union[str, ShardMapProbes]
+
+
+def check_strategy(strategy: Strategy) -> Strategy:
+    """Validate a strategy argument; ``"auto"`` maps to the measured default (sequential)."""
+    if isinstance(strategy, ShardMapProbes):
+        return strategy
+    if strategy == "auto":
+        # Measured on CPU (bench_step.md): vmap over conv weight copies is slower than a loop.
+        return "sequential"
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy must be 'auto', 'sequential', 'vmap' or flatjax.ShardMapProbes(mesh, axis), "
+            f"got {strategy!r}"
+        )
+    return strategy
+
+
+class Probes(NamedTuple):
+    """Results at ``n`` probe points, stacked along a leading axis of size ``n``."""
+
+    losses: jax.Array  # (n,) float32
+    aux: PyTree  # leaves (n, ...)
+    grads: PyTree  # leaves (n, ...)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def to_varying(tree: PyTree, axis_name: str) -> PyTree:
+    """Mark every leaf as varying over ``axis_name`` (no-op where it already is, or without checks)."""
+
+    def cast(x):
+        if axis_name in _varying_axes(x):
+            return x
+        return jax.lax.pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
+def _place(tree: PyTree, mesh: Mesh, spec: PartitionSpec) -> PyTree:
+    """Shard a traced pytree along ``spec`` on ``mesh`` (Explicit meshes: reshard; Auto: a constraint)."""
+    sharding = NamedSharding(mesh, spec)
+    axis_types = getattr(mesh, "axis_types", ())
+    if any(t == AxisType.Explicit for t in axis_types):
+        return jax.tree.map(lambda x: jax.reshard(x, sharding), tree)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """Evaluates ``loss_fn(params, batch, **loss_kwargs)`` and its gradient at probe points.
+
+    Attributes:
+      loss_fn: returns a scalar loss, or ``(loss, aux)`` when ``has_aux``.
+      has_aux: whether ``loss_fn`` returns aux.
+      loss_kwargs: extra keyword arguments for ``loss_fn`` (not differentiated, not split).
+      axis_name: data-parallel axis of an enclosing ``shard_map``/``pmap``, or None.
+      strategy: how independent probes are evaluated.
+    """
+
+    loss_fn: Callable[..., Any]
+    has_aux: bool
+    loss_kwargs: dict
+    axis_name: str | None
+    strategy: Strategy
+
+    def _loss_and_aux(self, params, batch):
+        out = self.loss_fn(params, batch, **self.loss_kwargs)
+        loss, aux = out if self.has_aux else (out, None)
+        if jnp.ndim(loss) != 0:
+            raise ValueError(
+                f"loss_fn must return a scalar loss{' as the first element of (loss, aux)' if self.has_aux else ''}, "
+                f"got shape {jnp.shape(loss)}; pass has_aux=True if it returns (loss, aux)"
+            )
+        return jnp.asarray(loss, jnp.float32), aux
+
+    def value_and_grad(self, params: PyTree, batch: PyTree, *, reduce: bool = True):
+        """``(loss, aux, grad)`` at ``params``; averaged over ``axis_name`` when ``reduce``."""
+        if self.axis_name is not None:
+            params = to_varying(params, self.axis_name)
+        (loss, aux), grad = jax.value_and_grad(self._loss_and_aux, has_aux=True)(params, batch)
+        if self.axis_name is not None and reduce:
+            loss = jax.lax.pmean(loss, self.axis_name)
+            grad = jax.lax.pmean(grad, self.axis_name)
+        return loss, aux, grad
+
+    def probes(self, points: Sequence[PyTree], batches: Sequence[PyTree], *, reduce: bool = True) -> Probes:
+        """Evaluate at ``points[i]`` on ``batches[i]``; identical objects are shared, not copied."""
+        if len(points) != len(batches) or not points:
+            raise ValueError("probes need as many batches as points (at least one)")
+        if self.strategy == "sequential" or len(points) == 1:
+            results = [self.value_and_grad(p, b, reduce=reduce) for p, b in zip(points, batches)]
+            losses, aux, grads = zip(*results)
+            return Probes(jnp.stack(losses), stack(aux), stack(grads))
+
+        shared_params = all(p is points[0] for p in points)
+        shared_batch = all(b is batches[0] for b in batches)
+        if shared_params and shared_batch:  # identical probes: evaluate once
+            loss, aux, grad = self.value_and_grad(points[0], batches[0], reduce=reduce)
+            tile = lambda x: jnp.broadcast_to(x, (len(points),) + jnp.shape(x))
+            return Probes(tile(loss), jax.tree.map(tile, aux), jax.tree.map(tile, grad))
+        p_in = points[0] if shared_params else stack(points)
+        b_in = batches[0] if shared_batch else stack(batches)
+        axes = (None if shared_params else 0, None if shared_batch else 0)
+
+        def run_local(p, b):
+            return jax.vmap(lambda pp, bb: self.value_and_grad(pp, bb, reduce=reduce), in_axes=axes)(p, b)
+
+        if self.strategy == "vmap":
+            return Probes(*run_local(p_in, b_in))
+        return self._shard_map(run_local, p_in, b_in, len(points), shared_params, shared_batch)
+
+    def _shard_map(self, run_local, p_in, b_in, n, shared_params, shared_batch) -> Probes:
+        strategy: ShardMapProbes = self.strategy  # type: ignore[assignment]
+        if n % strategy.size:
+            raise ValueError(
+                f"ShardMapProbes: {n} probes cannot be split evenly over mesh axis "
+                f"{strategy.axis!r} of size {strategy.size}"
+            )
+        axis = strategy.axis
+        sharded, replicated = PartitionSpec(axis), PartitionSpec()
+        if not shared_params:
+            p_in = _place(p_in, strategy.mesh, sharded)
+        if not shared_batch:
+            b_in = _place(b_in, strategy.mesh, sharded)
+
+        def body(p, b):
+            if shared_params:
+                # Replicated parameters must be made device-varying, or their gradient comes back summed.
+                p = to_varying(p, axis)
+            return run_local(p, b)
+
+        fn = jax.shard_map(
+            body,
+            mesh=strategy.mesh,
+            in_specs=(replicated if shared_params else sharded, replicated if shared_batch else sharded),
+            out_specs=sharded,
+        )
+        return Probes(*fn(p_in, b_in))

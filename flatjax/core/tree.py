@@ -1,0 +1,65 @@
+"""Small pytree helpers shared by every method (global norms, scaled sums, stacking)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+#: Guard against division by zero in normalized directions (ALGORITHMS.md: ξ = 1e-12).
+XI = 1e-12
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    """Global L2 norm over all leaves, accumulated in float32 (bf16 leaves included)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def add_scaled(tree: PyTree, other: PyTree, scale: Any = 1.0) -> PyTree:
+    """``tree + scale * other`` leaf by leaf, keeping the dtype of ``tree``."""
+    return jax.tree.map(lambda a, b: (a + scale * b).astype(a.dtype), tree, other)
+
+
+def scale(tree: PyTree, factor: Any) -> PyTree:
+    """``factor * tree`` keeping each leaf's dtype."""
+    return jax.tree.map(lambda a: (factor * a).astype(a.dtype), tree)
+
+
+def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
+    """``Σ_i weights[i] · stacked[i]`` over the leading (probe) axis of every leaf."""
+    weights = jnp.asarray(weights, jnp.float32)
+
+    def combine(leaf):
+        w = weights.reshape((-1,) + (1,) * (leaf.ndim - 1))
+        return jnp.sum(w * leaf.astype(jnp.float32), axis=0).astype(leaf.dtype)
+
+    return jax.tree.map(combine, stacked)
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack a list of same-structure pytrees along a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def index(stacked: PyTree, i: int) -> PyTree:
+    """The ``i``-th slice along the leading axis of every leaf."""
+    return jax.tree.map(lambda x: x[i], stacked)
+
+
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(jnp.asarray(b).dtype), tree, like)
+
+
+def is_finite(tree: PyTree) -> jax.Array:
+    """True when every element of every leaf is finite."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

@@ -1,0 +1,4 @@
+"""One module per paper family; each factory returns an ``optax.GradientTransformationExtraArgs``."""
+
+from flatjax.methods.rwp import arwp, marwp, mrwp, rwp
+from flatjax.methods.sam import asam, sam
