@@ -11,6 +11,7 @@ Sub-packages imported on demand: ``flatjax.sharpness`` (measurement), ``flatjax.
 """
 
 from flatjax.core import ShardMapProbes, StepInfo, cosine_increasing, step_info
+from flatjax.guard import skip_nonfinite
 from flatjax.hyperparams import inject_hyperparams
 from flatjax.methods import arwp, asam, marwp, mrwp, rwp, sam
 
@@ -27,5 +28,6 @@ __all__ = [
     "mrwp",
     "rwp",
     "sam",
+    "skip_nonfinite",
     "step_info",
 ]

@@ -62,6 +62,9 @@ def assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
     ja, jb = jax.tree.structure(a), jax.tree.structure(b)
     assert ja == jb, (ja, jb)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if jax.dtypes.issubdtype(np.asarray(x).dtype, np.integer) or np.asarray(x).dtype == bool:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            continue
         np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 

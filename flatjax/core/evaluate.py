@@ -97,11 +97,14 @@ def to_varying(tree: PyTree, axis_name: str) -> PyTree:
     return jax.tree.map(cast, tree)
 
 
+def _is_explicit(mesh: Mesh) -> bool:
+    return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
 def _place(tree: PyTree, mesh: Mesh, spec: PartitionSpec) -> PyTree:
     """Shard a traced pytree along ``spec`` on ``mesh`` (Explicit meshes: reshard; Auto: a constraint)."""
     sharding = NamedSharding(mesh, spec)
-    axis_types = getattr(mesh, "axis_types", ())
-    if any(t == AxisType.Explicit for t in axis_types):
+    if _is_explicit(mesh):
         return jax.tree.map(lambda x: jax.reshard(x, sharding), tree)
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
@@ -196,4 +199,7 @@ class Evaluator:
             in_specs=(replicated if shared_params else sharded, replicated if shared_batch else sharded),
             out_specs=sharded,
         )
-        return Probes(*fn(p_in, b_in))
+        out = Probes(*fn(p_in, b_in))
+        if _is_explicit(strategy.mesh):  # combine rules index the probe axis: gather it back
+            out = _place(out, strategy.mesh, replicated)
+        return out

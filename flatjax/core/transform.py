@@ -4,17 +4,20 @@ A method wraps the user's ``loss_fn(params, batch, **loss_kwargs) -> loss`` (or 
 Its ``update`` takes the usual Optax arguments plus keyword extra arguments, which ``optax.chain``
 forwards to every member (unknown ones are ignored here, so other members may use their own)::
 
-    updates, state = tx.update(grads_or_None, state, params,
+    updates, state = tx.update(updates, state, params,
                                batch=batch,                # required: handed to loss_fn
                                perturbed_batch=None,       # m-RWP/m-ARWP: batch B1 of the perturbed pass
                                loss_kwargs=None,           # e.g. {"batch_stats": ...}: not differentiated
+                               clean_grad=None,            # optional: your ∇L_B(w), reused where possible
                                key=None)                   # overrides the state's PRNG stream
 
-* ``updates`` is either None — the method evaluates every pass it needs itself, so independent passes
-  can be evaluated together — or the user's clean gradient ``∇L_B(w)`` on ``batch``, which methods that
-  need it (SAM, ASAM, m-(A)RWP) reuse instead of a pass of their own. A flatjax method must therefore be
-  the FIRST member of a chain. When the clean gradient is reused, the step reports ``loss = NaN`` and
-  keeps the previous ``aux``: the user's own ``value_and_grad`` already has them.
+* ``updates`` is not read: the method evaluates every pass it needs itself, so independent passes can
+  be evaluated together. Pass None, or any params-shaped tree (the gradients, or the params themselves)
+  when a wrapper such as ``optax.apply_if_finite`` or ``optax.MultiSteps`` needs one.
+* ``clean_grad``: if you already computed ``∇L_B(w)`` on ``batch``, methods whose rule contains it
+  (SAM/ASAM without m-sharpness or ``axis_name``; m-RWP/m-ARWP) reuse it instead of a pass of their
+  own; others ignore it. The step then reports ``loss = NaN`` and keeps the previous ``aux``: your own
+  ``value_and_grad`` already has them. A flatjax method must be the FIRST member of a chain.
 * The returned updates are the method's descent direction ``d`` (same structure and dtypes as
   ``params``); the following Optax members (momentum, weight decay, learning rate) turn it into a step.
 * What a step measured is kept in the state: :func:`step_info` finds it in any (nested) Optax state:
@@ -83,7 +86,7 @@ class StepContext:
     params: PyTree
     batch: PyTree
     perturbed_batch: PyTree
-    clean_grad: PyTree | None  # the user's clean gradient, when reusable
+    clean_grad: PyTree | None  # the user's clean gradient, when given and reusable
     key: jax.Array
     count: jax.Array
     evaluator: Evaluator
@@ -144,7 +147,7 @@ def flat_transformation(
       seed: int seed or PRNG key.
       strategy: probe strategy, see :mod:`flatjax.core.evaluate`.
       axis_name: data-parallel axis of an enclosing shard_map, or None.
-      reuse_gradient: whether an incoming clean gradient may replace the method's clean pass.
+      reuse_gradient: whether a given ``clean_grad`` may replace the method's clean pass.
     """
     check_callable("loss_fn", loss_fn)
     strategy = check_strategy(strategy)
@@ -184,6 +187,7 @@ def flat_transformation(
         batch: PyTree = None,
         perturbed_batch: PyTree = None,
         loss_kwargs: dict | None = None,
+        clean_grad: PyTree = None,
         key: jax.Array | None = None,
         **unused_extra_args: Any,
     ):
@@ -197,11 +201,12 @@ def flat_transformation(
             params=params,
             batch=batch,
             perturbed_batch=batch if perturbed_batch is None else perturbed_batch,
-            clean_grad=updates if reuse_gradient else None,
+            clean_grad=clean_grad if reuse_gradient else None,
             key=step_key,
             count=state.count,
             evaluator=evaluator,
         )
+        del updates  # never read: see the module docstring
         out = direction(ctx, state.method)
         aux = state.info.aux if (out.aux is None or not has_aux) else _check_aux(out.aux, aux_template)
         info = StepInfo(

@@ -192,8 +192,8 @@ def mrwp(
     """ + _COMMON_ARGS_DOC + """
 
     Reports: ``loss``/``aux`` from the clean pass on B0; ``probe_losses`` = [L_B0(w), L_B1(w + e)];
-    diagnostics ``sigma``, ``noise_norm``, ``lam``. An incoming clean gradient (``updates``) on B0
-    replaces the clean pass.
+    diagnostics ``sigma``, ``noise_norm``, ``lam``. A given ``clean_grad`` (on B0) replaces the
+    clean pass.
     """
     return _rwp_transformation(
         "mrwp", loss_fn, sigma, lam, None, None, seed=seed, has_aux=has_aux, aux_init=aux_init,

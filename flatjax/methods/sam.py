@@ -129,8 +129,8 @@ def sam(
       strategy: how m-sharpness groups are evaluated: 'auto', 'sequential', 'vmap', ShardMapProbes.
 
     Reports: ``loss``/``aux`` from the unperturbed pass (mean over groups with ``m``); ``probe_losses``
-    = [L(w), L(w + e)]; diagnostics ``rho``, ``grad_norm`` (‖g‖). Reuses an incoming clean gradient
-    (``updates``) when neither ``m`` nor ``axis_name`` is set.
+    = [L(w), L(w + e)]; diagnostics ``rho``, ``grad_norm`` (‖g‖). Reuses a given ``clean_grad`` when
+    neither ``m`` nor ``axis_name`` is set.
     """
     check_range("rho", rho, low=0.0)
     ascent = lambda g, w, h: perturb.normalized_ascent(g, h["rho"])  # noqa: E731

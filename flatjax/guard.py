@@ -1,0 +1,54 @@
+"""Skip steps whose updates are not finite, leaving parameters and every optimizer state untouched."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flatjax.core.tree import PyTree, is_finite
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of :func:`skip_nonfinite`."""
+
+    notfinite_count: jax.Array  # consecutive skipped steps
+    total_notfinite: jax.Array  # all skipped steps
+    last_finite: jax.Array  # whether the last step was applied
+    inner_state: Any
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Run ``inner`` and apply its result only when the produced updates are all finite.
+
+    ``optax.apply_if_finite`` checks the gradients handed IN; a flatjax method computes its own
+    gradients (at perturbed points too), so a NaN/Inf can appear only inside it. This wrapper checks the
+    updates coming OUT of ``inner`` (e.g. ``optax.chain(flatjax.marwp(...), optax.sgd(...))``): on a
+    non-finite step it returns zero updates and keeps the previous inner state (momentum, ARWP history,
+    step count — so the noise stream and schedules do not advance), and counts the skip. Unlike
+    ``apply_if_finite`` it never applies a non-finite update after many failures: watch
+    ``notfinite_count``.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> SkipNonfiniteState:
+        zero = jnp.zeros([], jnp.int32)
+        return SkipNonfiniteState(zero, zero, jnp.array(True), inner.init(params))
+
+    def update_fn(updates, state: SkipNonfiniteState, params=None, **extra_args):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        ok = is_finite(new_updates)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
+        new_inner = jax.tree.map(keep, new_inner, state.inner_state)
+        bad = jnp.logical_not(ok).astype(jnp.int32)
+        return new_updates, SkipNonfiniteState(
+            notfinite_count=(state.notfinite_count + bad) * bad,
+            total_notfinite=state.total_notfinite + bad,
+            last_finite=ok,
+            inner_state=new_inner,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,148 @@
+"""Same update under jit / no jit, every probe strategy, and data-parallel shard_map on 2 and 4 devices.
+
+Tolerance: float32 with different reduction orders — rtol 1e-5, atol 1e-6 (single device, jit vs not,
+sequential vs vmap) and rtol 1e-4, atol 1e-6 across devices (psum/pmean reorders the sums).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
+
+import flatjax
+from flat_toys import assert_tree_close, make_batch, mlp_loss, mlp_params
+
+needs = lambda n: pytest.mark.skipif(len(jax.devices()) < n, reason=f"needs {n} devices (XLA_FLAGS)")  # noqa: E731
+
+
+def probe_mesh(n=2, explicit=False):
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh((n,), ("probe",), axis_types=(kind,), devices=jax.devices()[:n])
+
+
+def direction(tx, params, batch, jit=True, **kw):
+    fn = lambda p, s: tx.update(None, s, p, batch=batch, **kw)  # noqa: E731
+    return (jax.jit(fn) if jit else fn)(params, tx.init(params))[0]
+
+
+CASES = {  # name: (factory of a strategy, uses a second batch for the perturbed pass)
+    "mrwp-same-batch": (lambda s: flatjax.mrwp(mlp_loss, 0.05, 0.5, seed=2, strategy=s), False),
+    "mrwp-two-batches": (lambda s: flatjax.mrwp(mlp_loss, 0.05, 0.5, seed=2, strategy=s), True),
+    "marwp-two-batches": (lambda s: flatjax.marwp(mlp_loss, 0.05, 0.5, seed=2, strategy=s), True),
+    "sam-m4": (lambda s: flatjax.sam(mlp_loss, 0.1, m=4, strategy=s), False),
+    "asam-m2": (lambda s: flatjax.asam(mlp_loss, 0.5, m=2, strategy=s), False),
+}
+
+
+@needs(2)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_strategies_and_jit_give_the_same_update(name):
+    make, two_batches = CASES[name]
+    params, b0, b1 = mlp_params(), make_batch(seed=1), make_batch(seed=2)
+    kw = {"perturbed_batch": b1} if two_batches else {}
+    reference = direction(make("sequential"), params, b0, jit=False, **kw)
+    strategies = ["sequential", "vmap", flatjax.ShardMapProbes(probe_mesh(2))]
+    if name == "marwp-two-batches":  # jax.make_mesh's default Explicit axes take another code path
+        strategies.append(flatjax.ShardMapProbes(probe_mesh(2, explicit=True)))
+    for strategy in strategies:
+        assert_tree_close(direction(make(strategy), params, b0, **kw), reference, rtol=1e-5, atol=1e-6)
+
+
+@needs(4)
+def test_shard_map_with_more_probes_than_devices():
+    params, batch = mlp_params(), make_batch(n=16)
+    ref = direction(flatjax.sam(mlp_loss, 0.1, m=2), params, batch, jit=False)  # 8 groups
+    got = direction(flatjax.sam(mlp_loss, 0.1, m=2, strategy=flatjax.ShardMapProbes(probe_mesh(4))), params, batch)
+    assert_tree_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs(2)
+def test_shard_map_rejects_uneven_split():
+    params, batch = mlp_params(), make_batch(n=12)
+    tx = flatjax.sam(mlp_loss, 0.1, m=4, strategy=flatjax.ShardMapProbes(probe_mesh(2)))  # 3 groups
+    with pytest.raises(ValueError, match="split evenly"):
+        direction(tx, params, batch)
+
+
+def test_same_seed_same_update_and_different_seed_differs():
+    params, batch = mlp_params(), make_batch()
+    for factory in (flatjax.rwp, flatjax.marwp):
+        step = jax.jit(lambda p, s: factory(mlp_loss).update(None, s, p, batch=batch)[0])
+        a = step(params, factory(mlp_loss, seed=11).init(params))
+        b = step(params, factory(mlp_loss, seed=11).init(params))
+        c = step(params, factory(mlp_loss, seed=12).init(params))
+        assert_tree_close(a, b, rtol=0, atol=0)
+        assert not np.allclose(a["dense0"]["kernel"], c["dense0"]["kernel"])
+
+
+def test_explicit_key_overrides_state_stream():
+    params, batch = mlp_params(), make_batch()
+    key = jax.random.key(3)
+    a = direction(flatjax.rwp(mlp_loss, seed=0), params, batch, key=key)
+    b = direction(flatjax.rwp(mlp_loss, seed=99), params, batch, key=key)
+    assert_tree_close(a, b, rtol=0, atol=0)
+
+
+# ---- data parallelism inside the user's shard_map ------------------------------------------------
+
+
+def data_parallel_direction(tx, params, batch, n, **kw):
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+    def local_step(params, state, batch):
+        updates, _ = tx.update(None, state, params, batch=batch, **kw)
+        return updates
+
+    fn = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P())
+    return jax.jit(fn)(params, tx.init(params), batch)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_global_sam_data_parallel_equals_one_device(n):
+    if len(jax.devices()) < n:
+        pytest.skip("needs virtual devices")
+    params, batch = mlp_params(), make_batch(n=16)
+    ref = direction(flatjax.sam(mlp_loss, 0.1), params, batch)
+    got = data_parallel_direction(flatjax.sam(mlp_loss, 0.1, axis_name="data"), params, batch, n)
+    assert_tree_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_per_device_sam_equals_m_sharpness_on_one_device(n):
+    if len(jax.devices()) < n:
+        pytest.skip("needs virtual devices")
+    params, batch = mlp_params(), make_batch(n=16)
+    ref = direction(flatjax.sam(mlp_loss, 0.1, m=16 // n), params, batch)
+    got = data_parallel_direction(flatjax.sam(mlp_loss, 0.1, axis_name="data", per_device=True), params, batch, n)
+    assert_tree_close(got, ref, rtol=1e-4, atol=1e-6)
+    # m-sharpness inside data parallelism: groups of 2 on every device = m=2 on one device
+    ref2 = direction(flatjax.sam(mlp_loss, 0.1, m=2), params, batch)
+    got2 = data_parallel_direction(flatjax.sam(mlp_loss, 0.1, m=2, axis_name="data"), params, batch, n)
+    assert_tree_close(got2, ref2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("factory", [flatjax.rwp, flatjax.marwp], ids=["rwp", "marwp"])
+def test_rwp_family_data_parallel_equals_one_device(n, factory):
+    if len(jax.devices()) < n:
+        pytest.skip("needs virtual devices")
+    params, batch = mlp_params(), make_batch(n=16)
+    ref = direction(factory(mlp_loss, seed=4), params, batch)
+    got = data_parallel_direction(factory(mlp_loss, seed=4, axis_name="data"), params, batch, n)
+    assert_tree_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+@needs(2)
+def test_naive_gradient_of_replicated_params_is_summed_not_averaged():
+    """The trap the methods avoid: without pcast, shard_map returns Σ over devices, N× the mean."""
+    n = 2
+    params, batch = mlp_params(), make_batch(n=16)
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+    naive = jax.jit(jax.shard_map(lambda p, b: jax.grad(mlp_loss)(p, b), mesh=mesh,
+                                  in_specs=(P(), P("data")), out_specs=P()))(params, batch)
+    true = jax.grad(mlp_loss)(params, batch)
+    assert_tree_close(naive, jax.tree.map(lambda g: n * g, true), rtol=1e-4, atol=1e-6)
