@@ -1,0 +1,175 @@
+"""Step-time benchmark: every flatjax method's jitted training step relative to plain SGD, side by side.
+
+    python -m experiments.bench_step                    # writes experiments/results/bench_step.md
+    python -m experiments.bench_step --quick            # fewer repeats (smoke run)
+
+Two models on the host CPU: an MLP (784-512-512-10, batch 128) and a small conv net (conv 16-32-32,
+32×32×3 inputs, batch 32). For each model the steps are timed in interleaved rounds (every method once
+per round, so machine load affects all alike) and the median per-step time is reported, with its ratio
+to the SGD step and, for SAM, to ``optax.contrib.sam`` (opaque mode, sync_period=2: the same two passes).
+m-ARWP runs with each probe strategy, the device one on 2 virtual CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set here before JAX is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import flax  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import optax.contrib  # noqa: E402
+
+import flatjax  # noqa: E402
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for width in (512, 512):
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(10)(x)
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2))(x))
+        x = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def make_problem(name: str):
+    rng = np.random.default_rng(0)
+    if name == "mlp":
+        model, shape, batch = MLP(), (784,), 128
+    else:
+        model, shape, batch = SmallCNN(), (32, 32, 3), 32
+    x = jnp.asarray(rng.normal(size=(batch,) + shape), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=batch), jnp.int32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(p, b):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b["x"]), b["y"]).mean()
+
+    return loss_fn, params, {"x": x, "y": y}
+
+
+def build_steps(loss_fn, devices_ok: bool):
+    """name -> (tx, kind); kind 'grad' steps take the user's gradient, 'flat' steps compute their own."""
+    base = lambda: optax.sgd(0.01, momentum=0.9)  # noqa: E731
+    steps = {
+        "sgd": (base(), "grad"),
+        "sam": (optax.chain(flatjax.sam(loss_fn, 0.05), base()), "flat"),
+        "optax.contrib.sam": (
+            optax.contrib.sam(base(), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True),
+            "contrib",
+        ),
+        "asam": (optax.chain(flatjax.asam(loss_fn, 0.5), base()), "flat"),
+        "rwp": (optax.chain(flatjax.rwp(loss_fn, 0.01), base()), "flat"),
+        "arwp": (optax.chain(flatjax.arwp(loss_fn, 0.01), base()), "flat"),
+        "mrwp [sequential]": (optax.chain(flatjax.mrwp(loss_fn, strategy="sequential"), base()), "flat"),
+        "marwp [sequential]": (optax.chain(flatjax.marwp(loss_fn, strategy="sequential"), base()), "flat"),
+        "marwp [vmap]": (optax.chain(flatjax.marwp(loss_fn, strategy="vmap"), base()), "flat"),
+    }
+    if devices_ok:
+        mesh = jax.make_mesh((2,), ("probe",), axis_types=(jax.sharding.AxisType.Auto,))
+        steps["marwp [2 devices]"] = (
+            optax.chain(flatjax.marwp(loss_fn, strategy=flatjax.ShardMapProbes(mesh)), base()), "flat")
+    return steps
+
+
+def jitted_step(tx, kind, loss_fn):
+    def step(params, state, batch):
+        if kind == "grad":
+            grads = jax.grad(loss_fn)(params, batch)
+            updates, state = tx.update(grads, state, params)
+        elif kind == "contrib":
+            grads = jax.grad(loss_fn)(params, batch)
+            grad_fn = jax.grad(lambda p, _: loss_fn(p, batch))
+            updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+        else:
+            updates, state = tx.update(None, state, params, batch=batch)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def bench_model(model_name: str, rounds: int, steps_per_round: int):
+    loss_fn, params0, batch = make_problem(model_name)
+    runners = {}
+    for name, (tx, kind) in build_steps(loss_fn, len(jax.devices()) >= 2).items():
+        step = jitted_step(tx, kind, loss_fn)
+        params = jax.tree.map(jnp.array, params0)
+        state = tx.init(params)
+        params, state = jax.block_until_ready(step(params, state, batch))  # compile + warm up
+        runners[name] = [step, params, state]
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            step, params, state = runner
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                params, state = step(params, state, batch)
+            jax.block_until_ready(params)
+            times[name].append((time.perf_counter() - t0) / steps_per_round)
+            runner[1], runner[2] = params, state
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__}, jaxlib {jax.lib.__version__}, "
+            f"optax {optax.__version__}, flax {flax.__version__}, backend {jax.default_backend()}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 7")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_step.md"))
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else 7
+    results = {m: bench_model(m, rounds, 10) for m in ("mlp", "cnn")}
+    lines = [
+        "# Step-time benchmark",
+        "",
+        f"Machine: {machine_description()}.",
+        f"Command: `python -m experiments.bench_step{' --quick' if args.quick else ''}` "
+        f"({rounds} interleaved rounds, median step time).",
+        "",
+        "| step | MLP ms | MLP / SGD | CNN ms | CNN / SGD |",
+        "|---|---|---|---|---|",
+    ]
+    for name in results["mlp"]:
+        m, c = results["mlp"][name], results["cnn"][name]
+        lines.append(f"| {name} | {m:.3f} | {m / results['mlp']['sgd']:.2f} | {c:.2f} | {c / results['cnn']['sgd']:.2f} |")
+    ratio = lambda k: results[k]["sam"] / results[k]["optax.contrib.sam"]  # noqa: E731
+    lines += ["", f"flatjax SAM / optax.contrib.sam: MLP {ratio('mlp'):.2f}, CNN {ratio('cnn'):.2f}."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
