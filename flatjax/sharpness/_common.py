@@ -16,6 +16,7 @@ Batch = Any
 """A batch is any pytree of arrays handed unchanged to ``loss_fn(params, batch)``."""
 
 _WEIGHTINGS = ("size", "equal")
+_KEY_RANGE = "a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed))"
 
 
 def fail(name: str, accepted: str, value: Any) -> ValueError:
@@ -51,7 +52,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 def check_key(key: Any) -> jax.Array:
     """Accept a new-style typed key (``jax.random.key``) or a raw uint32[2] key (``PRNGKey``)."""
     if key is None:
-        raise fail("key", "a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed))", key)
+        raise fail("key", _KEY_RANGE, key)
     try:
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             if key.shape != ():
@@ -61,7 +62,7 @@ def check_key(key: Any) -> jax.Array:
             return key
     except AttributeError:
         pass
-    raise fail("key", "a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed))", key)
+    raise fail("key", _KEY_RANGE, key)
 
 
 def batch_size_of(batch: Batch) -> int:
@@ -95,13 +96,16 @@ def prepare_batches(
     Returns the list of batches and the normalised weights.
     """
     if (batch is None) == (batches is None):
-        raise fail("batch/batches", "exactly one of them (a single batch or an iterable of batches)",
+        raise fail("batch/batches",
+                   "exactly one of them (a single batch or an iterable of batches)",
                    (type(batch).__name__, type(batches).__name__))
     if batch is not None:
         items = [batch]
     else:
-        if isinstance(batches, (str, bytes)) or not isinstance(batches, (Iterable, Iterator)):
-            raise fail("batches", "an iterable of batches (list, tuple, generator, data loader)",
+        if isinstance(batches, (str, bytes, dict)) or hasattr(batches, "shape") or not isinstance(
+                batches, (Iterable, Iterator)):
+            raise fail("batches", "an iterable of batches (list, tuple, generator, data loader); "
+                       "pass a single batch (e.g. a dict or an array) as batch=",
                        type(batches).__name__)
         items = list(batches)
         if not items:

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,

@@ -26,8 +26,8 @@ import numpy as np
 
 from ._common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int, fail,
                       progress)
-from .hvp import HessianOperator, LossFn, Params, as_operator, to_numpy
-from .trace import PROBES, probe_vectors
+from .hvp import HessianOperator, LossFn, Params, as_operator
+from .trace import probe_vectors
 
 
 class EigenResult(NamedTuple):

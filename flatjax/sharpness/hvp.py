@@ -61,20 +61,32 @@ def _add_flat(params: Params, delta: jax.Array) -> Params:
     return jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, unravel(delta))
 
 
-@functools.lru_cache(maxsize=64)
 def _compiled(loss_fn: LossFn, has_aux: bool) -> _Compiled:
-    """Jitted building blocks for one loss function (cached: compiled once per shape)."""
+    """Jitted building blocks for one loss function, cached per ``(loss_fn, has_aux)``.
+
+    The cache keeps up to 64 loss functions alive (and whatever they close over); an unhashable
+    ``loss_fn`` is compiled afresh for each :class:`HessianOperator`.
+    """
+    try:
+        return _compiled_cached(loss_fn, has_aux)
+    except TypeError:  # unhashable callable
+        return _build(loss_fn, has_aux)
+
+
+def _build(loss_fn: LossFn, has_aux: bool) -> _Compiled:
+    """Define and jit the building blocks (each compiles lazily, on first use per shape)."""
 
     def scalar(p, b):
         out = loss_fn(p, b)
         if has_aux:
             if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise fail("has_aux", "False when loss_fn returns a scalar (True needs (loss, aux))",
-                           has_aux)
+                raise fail("has_aux",
+                           "False when loss_fn returns a scalar (True needs (loss, aux))", has_aux)
             out = out[0]
         out = jnp.asarray(out)
         if out.shape != ():
-            raise fail("loss_fn", "a function returning a scalar loss (or (loss, aux) with has_aux=True)",
+            raise fail("loss_fn",
+                       "a function returning a scalar loss (or (loss, aux) with has_aux=True)",
                        f"output of shape {out.shape}")
         return out
 
@@ -108,6 +120,9 @@ def _compiled(loss_fn: LossFn, has_aux: bool) -> _Compiled:
         quad_block=jax.jit(quad_block),
         value_grid=jax.jit(value_grid),
     )
+
+
+_compiled_cached = functools.lru_cache(maxsize=64)(_build)
 
 
 class HessianOperator:

@@ -87,8 +87,7 @@ def plot_landscape_2d(landscape: Landscape2D, path: str | os.PathLike, *, kind: 
     else:
         ax = fig.add_subplot(projection="3d")
         surf = ax.plot_surface(a, b, z, cmap="viridis", linewidth=0, antialiased=True)
-        fig.colorbar(surf, ax=ax, shrink=0.6, label="loss")
-        ax.set_zlabel("loss")
+        fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.1, label="loss")
     ax.set_xlabel("α (direction 1)")
     ax.set_ylabel("β (direction 2)")
     ax.set_title(title or "2-D loss landscape (filter-normalised)")
@@ -157,5 +156,5 @@ def plot_gap_curves(curves: Sequence[GapCurve], path: str | os.PathLike, *,
     ax.set_ylabel("L(w+ε) − L(w)")
     ax.set_title(title or "perturbed-loss gap")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
