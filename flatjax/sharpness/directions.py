@@ -24,15 +24,13 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from flatjax.core.perturb import filter_norms as _filter_norms
+from flatjax.core.perturb import filterwise_gaussian
+
 from ._common import check_choice, check_key, check_nonneg_float
 
 Params = Any
 ONE_D_MODES = ("zero", "filter")
-
-
-def _filter_norms(x: jax.Array) -> jax.Array:
-    """Norm of each output filter (last axis) of a leaf with ndim > 1, kept broadcastable."""
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(x.ndim - 1)), keepdims=True))
 
 
 @functools.partial(jax.jit, static_argnames=("one_d", "eps"))
@@ -58,14 +56,8 @@ def _random_direction(key: jax.Array, params: Params, one_d: str) -> Params:
     return _filter_normalize(_gaussian_like(key, params), params, one_d, 1e-10)
 
 
-@jax.jit
-def _filter_noise(key: jax.Array, params: Params, sigma: jax.Array) -> Params:
-    def one(z, w):
-        if w.ndim <= 1:
-            return (sigma * (jnp.linalg.norm(w) + 1e-16) * z).astype(w.dtype)
-        return (sigma * _filter_norms(w) * z).astype(w.dtype)
-
-    return jax.tree.map(one, _gaussian_like(key, params), params)
+# the same generator the RWP-family optimizers use (one noise definition in the library)
+_filter_noise = jax.jit(filterwise_gaussian)
 
 
 def _as_arrays(tree: Params, name: str) -> Params:
