@@ -5,6 +5,8 @@ updates are a descent direction for the optimizer chained after it):
 
 * :func:`sam`, :func:`asam` — Foret et al. 2021; Kwon et al. 2021.
 * :func:`rwp`, :func:`arwp`, :func:`mrwp`, :func:`marwp` — Li et al., TMLR 2024.
+* :func:`wpsgd`, :func:`nso` — Zhang et al., TMLR 2024.
+* :func:`crsam` — Wu et al., AAAI 2024.
 
 Sub-packages imported on demand: ``flatjax.sharpness`` (measurement), ``flatjax.models`` and
 ``flatjax.data`` (need the ``experiments`` extra).
@@ -13,7 +15,7 @@ Sub-packages imported on demand: ``flatjax.sharpness`` (measurement), ``flatjax.
 from flatjax.core import ShardMapProbes, StepInfo, cosine_increasing, step_info
 from flatjax.guard import skip_nonfinite
 from flatjax.hyperparams import inject_hyperparams
-from flatjax.methods import arwp, asam, marwp, mrwp, rwp, sam
+from flatjax.methods import arwp, asam, crsam, marwp, mrwp, nso, rwp, sam, wpsgd
 
 __version__ = "0.1.0"
 
@@ -23,11 +25,14 @@ __all__ = [
     "arwp",
     "asam",
     "cosine_increasing",
+    "crsam",
     "inject_hyperparams",
     "marwp",
     "mrwp",
+    "nso",
     "rwp",
     "sam",
     "skip_nonfinite",
     "step_info",
+    "wpsgd",
 ]

@@ -22,11 +22,16 @@ FACTORIES = {
     "arwp": lambda **kw: flatjax.arwp(mlp_loss, **kw),
     "mrwp": lambda **kw: flatjax.mrwp(mlp_loss, **kw),
     "marwp": lambda **kw: flatjax.marwp(mlp_loss, **kw),
+    "wpsgd": lambda **kw: flatjax.wpsgd(mlp_loss, **kw),
+    "nso": lambda **kw: flatjax.nso(mlp_loss, **kw),
+    "crsam": lambda **kw: flatjax.crsam(mlp_loss, **kw),
 }
 # the hyper-parameter each protocol test varies, with two values that must give different updates
-HYPER = {"sam": "rho", "asam": "rho", "rwp": "sigma", "arwp": "sigma", "mrwp": "lam", "marwp": "lam"}
-VALUES = {"rho": (0.05, 0.3), "sigma": (0.01, 0.2), "lam": (0.2, 0.9)}
+HYPER = {"sam": "rho", "asam": "rho", "rwp": "sigma", "arwp": "sigma", "mrwp": "lam", "marwp": "lam",
+         "wpsgd": "sigma", "nso": "sigma", "crsam": "alpha"}
+VALUES = {"rho": (0.05, 0.3), "sigma": (0.01, 0.2), "lam": (0.2, 0.9), "alpha": (0.1, 2.0)}
 METHODS = sorted(FACTORIES)
+SEED = {name: {"seed": 5} for name in ("rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso")}
 
 
 def _needs_extra():
@@ -55,8 +60,7 @@ def test_unknown_extra_args_pass_through_chain(name):
 def test_inject_hyperparams_value_takes_effect_each_step(name):
     params, batch, hp = mlp_params(), make_batch(), HYPER[name]
     a, b = VALUES[hp]
-    factory = {"sam": flatjax.sam, "asam": flatjax.asam, "rwp": flatjax.rwp, "arwp": flatjax.arwp,
-               "mrwp": flatjax.mrwp, "marwp": flatjax.marwp}[name]
+    factory = getattr(flatjax, name)
     tx = flatjax.inject_hyperparams(factory)(mlp_loss, **{hp: a})
     state = tx.init(params)
     step = jax.jit(lambda s, hv: tx.update(None, s._replace(hyperparams={**s.hyperparams, hp: hv}), params, batch=batch))
@@ -128,13 +132,13 @@ def test_bf16_params_keep_dtype(name):
 def test_multisteps_around_base_optimizer_accumulates_directions(name):
     """Recommended accumulation: the method sees every micro-batch, MultiSteps averages its directions."""
     params, b1, b2 = mlp_params(), make_batch(seed=1), make_batch(seed=2)
-    tx = optax.chain(FACTORIES[name](seed=5) if name not in ("sam", "asam") else FACTORIES[name](),
+    tx = optax.chain(FACTORIES[name](**SEED.get(name, {})),
                      optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2))
     state = tx.init(params)
     u1, state = tx.update(None, state, params, batch=b1)
     u2, state = tx.update(None, state, params, batch=b2)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u1))  # accumulating
-    ref = FACTORIES[name](seed=5) if name not in ("sam", "asam") else FACTORIES[name]()
+    ref = FACTORIES[name](**SEED.get(name, {}))
     r_state = ref.init(params)
     d1, r_state = ref.update(None, r_state, params, batch=b1)
     d2, _ = ref.update(None, r_state, params, batch=b2)

@@ -35,6 +35,11 @@ CASES = {  # name: (factory of a strategy, uses a second batch for the perturbed
     "marwp-two-batches": (lambda s: flatjax.marwp(mlp_loss, 0.05, 0.5, seed=2, strategy=s), True),
     "sam-m4": (lambda s: flatjax.sam(mlp_loss, 0.1, m=4, strategy=s), False),
     "asam-m2": (lambda s: flatjax.asam(mlp_loss, 0.5, m=2, strategy=s), False),
+    "nso-k1": (lambda s: flatjax.nso(mlp_loss, 0.05, 0.3, seed=2, strategy=s), False),
+    "nso-k2": (lambda s: flatjax.nso(mlp_loss, 0.05, k=2, seed=2, strategy=s), False),
+    "wpsgd-k2": (lambda s: flatjax.wpsgd(mlp_loss, 0.05, k=2, seed=2, strategy=s), False),
+    "crsam-code": (lambda s: flatjax.crsam(mlp_loss, 0.1, strategy=s), False),
+    "crsam-log": (lambda s: flatjax.crsam(mlp_loss, 0.1, form="log", strategy=s), False),
 }
 
 
@@ -126,13 +131,15 @@ def test_per_device_sam_equals_m_sharpness_on_one_device(n):
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("factory", [flatjax.rwp, flatjax.marwp], ids=["rwp", "marwp"])
+@pytest.mark.parametrize("factory", [flatjax.rwp, flatjax.marwp, flatjax.nso, flatjax.crsam],
+                         ids=["rwp", "marwp", "nso", "crsam"])
 def test_rwp_family_data_parallel_equals_one_device(n, factory):
     if len(jax.devices()) < n:
         pytest.skip("needs virtual devices")
     params, batch = mlp_params(), make_batch(n=16)
-    ref = direction(factory(mlp_loss, seed=4), params, batch)
-    got = data_parallel_direction(factory(mlp_loss, seed=4, axis_name="data"), params, batch, n)
+    seed = {} if factory is flatjax.crsam else {"seed": 4}
+    ref = direction(factory(mlp_loss, **seed), params, batch)
+    got = data_parallel_direction(factory(mlp_loss, axis_name="data", **seed), params, batch, n)
     assert_tree_close(got, ref, rtol=1e-4, atol=1e-6)
 
 

@@ -29,6 +29,18 @@ CASES = [
     (flatjax.marwp, {"lam": 2.0}, "lam"),
     (flatjax.marwp, {"eta": -0.1}, "eta"),
     (flatjax.marwp, {"beta": 1.2}, "beta"),
+    (flatjax.wpsgd, {"sigma": -0.1}, "sigma"),
+    (flatjax.wpsgd, {"k": 0}, "k"),
+    (flatjax.wpsgd, {"noise": "cauchy"}, "noise"),
+    (flatjax.nso, {"sigma": -0.1}, "sigma"),
+    (flatjax.nso, {"lam": 1.1}, "lam"),
+    (flatjax.nso, {"k": -2}, "k"),
+    (flatjax.nso, {"noise": "binomial"}, "noise"),
+    (flatjax.crsam, {"rho": -0.1}, "rho"),
+    (flatjax.crsam, {"alpha": -1.0}, "alpha"),
+    (flatjax.crsam, {"beta": -1.0}, "beta"),
+    (flatjax.crsam, {"form": "exp"}, "form"),
+    (flatjax.crsam, {"log_floor": 0.0}, "log_floor"),
 ]
 
 

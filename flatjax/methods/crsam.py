@@ -1,0 +1,109 @@
+"""CR-SAM: SAM plus a curvature regularizer from finite differences along the gradient direction.
+
+Wu, Luo, Wunsch, "CR-SAM: Curvature Regularized Sharpness-Aware Minimization", AAAI 2024 (official code
+TrustAIoT/CR-SAM). With ``v = g/(‖g‖ + ξ)``, ``L± = L_B(w ± ρv)``, ``L0 = L_B(w)``:
+curvature ``c = L+ + L− − 2L0 ≈ ρ² vᵀHv`` and slope ``s = L+ − L− ≈ 2ρ vᵀg``. The ± passes are
+independent and evaluated together by the probe strategy (2 passes on the critical path).
+
+Two forms (ALGORITHMS.md):
+
+* ``form="code"`` (default; the released code, which produced the paper's numbers): the gradient of
+  ``α c + β s`` with v held fixed: ``d = ∇L+ + α(∇L+ + ∇L− − 2g) + β(∇L+ − ∇L−)``.
+* ``form="log"`` (the paper's ``R_c = α log c + β log s``): ``d = ∇L+ + α(∇L+ + ∇L− − 2g)/c +
+  β(∇L+ − ∇L−)/s``. Where ``c`` or ``s`` ≤ ``log_floor`` (a flat or non-convex direction, or a zero
+  gradient) the logarithm's argument is clamped at ``log_floor`` and that term's gradient is ZERO
+  (the clamped function is constant there), so the step falls back to SAM for that term.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flatjax.core import perturb
+from flatjax.core.evaluate import Strategy
+from flatjax.core.schedule import ScalarOrSchedule, value_at
+from flatjax.core.transform import Direction, StepContext, flat_transformation
+from flatjax.core.tree import PyTree, add_scaled, global_norm, index
+from flatjax.core.validate import check_choice, check_range
+
+FORMS = ("code", "log")
+
+
+def crsam(
+    loss_fn: Callable[..., Any],
+    rho: ScalarOrSchedule = 0.1,
+    alpha: ScalarOrSchedule = 0.1,
+    beta: ScalarOrSchedule = 0.01,
+    *,
+    form: str = "code",
+    log_floor: float = 1e-12,
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    strategy: Strategy = "auto",
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Curvature-Regularized SAM (Wu et al., AAAI 2024) as an Optax transformation.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, **loss_kwargs) -> loss`` or ``(loss, aux)``.
+      rho: ρ ≥ 0, SAM's radius, also the finite-difference step (CIFAR-10 0.10, CIFAR-100 0.15).
+      alpha: α ≥ 0, curvature (trace) weight — the code's ``gamma`` (CIFAR-10 0.1, CIFAR-100 0.5).
+      beta: β ≥ 0, slope (gradient-norm) weight (0.01). α = β = 0 gives SAM exactly.
+      form: 'code' (default) or 'log', see the module docstring.
+      log_floor: > 0, clamp of the logarithm's argument in the 'log' form.
+      has_aux, aux_init, strategy, axis_name: as in :func:`flatjax.sam`.
+
+    Reports: ``loss``/``aux`` from the clean pass; ``probe_losses`` = [L0, L+, L−]; diagnostics ``rho``,
+    ``alpha``, ``beta``,
+    ``grad_norm`` (‖g‖), ``curvature`` (c/ρ² ≈ vᵀHv), ``slope`` (s/(2ρ) ≈ ‖g‖),
+    ``normalized_curvature`` (c/ρ² / ‖g‖: the step's estimate of CR-SAM's normalized Hessian trace
+    along v) and ``regularizer`` (α log c + β log s with the clamp, whichever form is used).
+    """
+    check_range("rho", rho, low=0.0)
+    check_range("alpha", alpha, low=0.0)
+    check_range("beta", beta, low=0.0)
+    check_choice("form", form, FORMS)
+    check_range("log_floor", log_floor, low=0.0, low_open=True)
+
+    def direction(ctx: StepContext, method_state: PyTree) -> Direction:
+        r, a, b = value_at(rho, ctx.count), value_at(alpha, ctx.count), value_at(beta, ctx.count)
+        loss0, aux0, g = ctx.value_and_grad(ctx.params, ctx.batch)
+        e = perturb.normalized_ascent(g, r)  # ρ v
+        out = ctx.probes([add_scaled(ctx.params, e), add_scaled(ctx.params, e, -1.0)], [ctx.batch] * 2)
+        (lp, lm), gp, gm = out.losses, index(out.grads, 0), index(out.grads, 1)
+        c, s = lp + lm - 2.0 * loss0, lp - lm
+        if form == "code":
+            wc, ws = a, b
+        else:  # d/dw of α log max(c, floor): α/c where c > floor, 0 where clamped
+            wc = jnp.where(c > log_floor, a / jnp.maximum(c, log_floor), 0.0)
+            ws = jnp.where(s > log_floor, b / jnp.maximum(s, log_floor), 0.0)
+
+        def combine(p, m, g0):
+            p32, m32, g32 = p.astype(jnp.float32), m.astype(jnp.float32), g0.astype(jnp.float32)
+            return (p32 + wc * (p32 + m32 - 2.0 * g32) + ws * (p32 - m32)).astype(p.dtype)
+
+        d = jax.tree.map(combine, gp, gm, g)
+        grad_norm = global_norm(g)
+        safe_r2 = jnp.maximum(r * r, 1e-30)
+        diagnostics = {
+            "rho": r,
+            "alpha": a,
+            "beta": b,
+            "grad_norm": grad_norm,
+            "curvature": c / safe_r2,
+            "slope": s / jnp.maximum(2.0 * r, 1e-30),
+            "normalized_curvature": c / safe_r2 / (grad_norm + 1e-12),
+            "regularizer": a * jnp.log(jnp.maximum(c, log_floor)) + b * jnp.log(jnp.maximum(s, log_floor)),
+        }
+        return Direction(d, method_state, loss0, aux0, jnp.stack([loss0, lp, lm]), diagnostics)
+
+    return flat_transformation(
+        name="crsam", loss_fn=loss_fn, direction=direction, init_method_state=lambda p: (), n_probes=3,
+        diagnostics=("rho", "alpha", "beta", "grad_norm", "curvature", "slope", "normalized_curvature", "regularizer"),
+        has_aux=has_aux, aux_init=aux_init, seed=0, strategy=strategy, axis_name=axis_name,
+        reuse_gradient=False,
+    )

@@ -1,0 +1,434 @@
+"""LETS: learn the perturbation radius ρ of a SAM-family method by bilevel optimization.
+
+Wang, Jiang, Fu, Zhang, "LETS: Learning the Perturbation Radius for Sharpness-Aware Minimization",
+ECML-PKDD 2024, arXiv 2408.08222. **No official code exists** (see ``official-code-notes.md`` §3), and
+the equations of the stored paper text are lost, so this module follows the derivation in
+ALGORITHMS.md (LETS section), generalised to any Optax base optimizer as explained below.
+
+One update, training batch B and validation batch V (the paper samples V from the training set)::
+
+    ρ = exp(α)                                    # α: the learned log-radius (float32 scalar)
+    g = ∇L_B(w);  v = de/dρ                        # SAM: g/(‖g‖+ξ);  ASAM: T²g/(‖Tg‖+ξ)
+    d(ρ) = inner direction at radius ρ            # SAM/ASAM: ∇L_B(w + ρv);  CR-SAM: see below
+    (u, base_state') = base.update(d(ρ), base_state, w);   w' = w + u          # lower level
+    gap = L_V(w') − L_B(w');   F = gap² / 2                                      # upper level
+    dF/dρ = gap · ⟨∇L_V(w') − ∇L_B(w'),  J_u · dd/dρ⟩,   dF/dα = ρ · dF/dρ
+    α ← α + radius_optimizer.update(dF/dα)       # default: Adam, lr 1e-4, exponential decay
+
+* ``v`` does not depend on ρ (it is built from the clean gradient g), so the chain rule goes only
+  through the gradient(s) at the perturbed point(s): for SAM/ASAM ``dd/dρ = H_B(w + ρv) v``.
+* ``J_u`` is the Jacobian of the base optimizer's update with respect to its input direction, applied
+  with ``jax.jvp(lambda x: base.update(x, base_state, w)[0], (d,), (dd/dρ,))``: exact and cheap
+  (element-wise) for ANY Optax base. For SGD it is −γ, and momentum and coupled weight decay add terms
+  that do not depend on ρ, so ALGORITHMS.md's ``dF/dρ = −γ · gap · ⟨…, H v⟩`` is the SGD special case.
+  For Adam it is the true one-step Jacobian, which also differentiates the second moment ν̂ with
+  respect to d (ALGORITHMS.md's "multiply by the current preconditioner" freezes ν̂; the two agree once
+  ``(1 − β₂)/(1 − β₂ᵗ)`` is small, but on Adam's FIRST step the exact Jacobian nearly vanishes, since
+  ``u₁ ≈ −lr · sign(d)``).
+* The one-step unrolled lower level makes the hypergradient exact for that one step ("iterative
+  differentiation" through one step, as the paper's alternating algorithm does).
+
+Hypergradient modes (``hypergradient=``), all in one jitted step:
+
+* ``"fd"`` (default, the issue's choice): central finite difference of the direction map in ρ,
+  ``dd/dρ ≈ (d(ρ + r) − d(ρ − r)) / (2r)``; for SAM/ASAM this is exactly
+  ``(∇L_B(w+e+rv) − ∇L_B(w+e−rv)) / (2r)``. The step is ``r = fd_step / ‖v‖``, so the probe points
+  move by ``fd_step`` in parameter space (DARTS' convention, Liu et al. 2019: 0.01). Why 1e-2: the
+  truncation error is O(r²) (about 1e-4 relative for smooth losses), while float32 round-off in the
+  gradient difference grows like ε₃₂‖∇L‖/r (≈1e-5 relative at r = 1e-2, ≈1e-3 at r = 1e-4). Two
+  extra gradient passes per inner point.
+* ``"fd_forward"``: one-sided ``(d(ρ + r) − d(ρ)) / r``: one extra pass per inner point, O(r) error.
+  The paper says the Hessian "can be approximated by a first-order derivative" following Bottou,
+  Curtis & Nocedal (2018) and Khan et al. (2018); this one-sided form is one reading of that.
+* ``"exact"``: forward-over-reverse ``jax.jvp`` of the direction map in ρ (for SAM:
+  ``jax.jvp(∇L_B, (w+e,), (v,))``); the primal output is the direction itself, so no separate pass.
+* ``"exact_total"``: a check mode: forward mode through the WHOLE one-step map α ↦ F (inner
+  direction, base update, both losses at w'). Must agree with ``"exact"`` to float rounding.
+* ``"diag"``: Gauss–Newton/empirical-Fisher diagonal ``H(p) v ≈ ∇L_B(p) ⊙ ∇L_B(p) ⊙ v`` at each inner
+  point p (no extra pass). A cheap hypothesis (a third-party summary says the paper uses a "diagonal
+  Hessian approximation"): it uses the squared MINI-BATCH mean gradient, which underestimates the
+  Fisher diagonal in scale (by about the batch size) — with Adam on α only its sign pattern matters.
+
+Inner methods (``inner=``):
+
+* ``"sam"``: ``e = ρ g/(‖g‖+ξ)``, ``d = ∇L_B(w+e)`` (identical to :func:`flatjax.sam`).
+* ``"asam"``: ``e = ρ T²g/(‖Tg‖+ξ)``, ``T = |w| + η`` on ``mask`` leaves (identical to :func:`flatjax.asam`).
+* ``"crsam"``: CR-SAM's released-code form (:func:`flatjax.crsam` with ``form="code"``):
+  ``d = ∇L+ + a(∇L+ + ∇L− − 2g) + b(∇L+ − ∇L−)``, ``∇L± = ∇L_B(w ± ρv)``, ``v = g/(‖g‖+ξ)``. In CR-SAM
+  ρ is both SAM's radius and the finite-difference step of the curvature/slope estimates, so LETS
+  learns the two together; ``dd/dρ = (1+a+b) H(w+ρv) v − (a−b) H(w−ρv) v`` (the chain rule goes
+  through both probe points). CR-SAM's ``form="log"`` is not offered: there ρ also enters through the
+  divisions by the finite-difference curvature and slope.
+
+Non-finite values: when the hypergradient or the new α is not finite (e.g. a NaN/Inf loss in the
+validation batch), the RADIUS update is skipped: α and the radius-optimizer state are kept, and the
+cumulative counter ``radius_skips`` (state and diagnostic) grows by one. The lower-level step does not
+read the validation batch and is returned as computed, so a bad validation batch never stops training.
+A non-finite TRAINING step (NaN updates) is returned as is: wrap the whole transformation in
+:func:`flatjax.skip_nonfinite` to drop such steps (it keeps every state, α included).
+
+Cost per step (gradient passes; SAM itself: 2): clean 1 + inner points (1; CR-SAM 2) + upper 2
+(∇L_V(w'), ∇L_B(w')) + HVP: fd 2 per point, fd_forward 1, exact ≈ 1–2 (a jvp of a gradient), diag 0.
+Passes are evaluated one after another (no probe strategy); ``axis_name`` gives data parallelism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flatjax.core import perturb
+from flatjax.core.evaluate import Evaluator
+from flatjax.core.schedule import ScalarOrSchedule, value_at
+from flatjax.core.transform import NAN, FlatState, StepInfo, _check_aux, _raw_key
+from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, global_norm
+from flatjax.core.validate import check_callable, check_choice, check_positive_int, check_range
+
+INNERS = ("sam", "asam", "crsam")
+HYPERGRADIENTS = ("fd", "fd_forward", "exact", "exact_total", "diag")
+#: Initial radius per inner method when ``rho=None`` (the papers' CIFAR-10 values).
+DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "crsam": 0.1}
+#: Parameter-space length of the finite-difference displacement (DARTS' 0.01; see module docstring).
+DEFAULT_FD_STEP = 1e-2
+DIAGNOSTICS = ("rho", "upper_loss", "gap", "hypergrad", "grad_norm", "radius_skips")
+
+
+class LetsState(NamedTuple):
+    """State of :func:`lets`.
+
+    Attributes:
+      log_rho: α, the learned log-radius (float32 scalar); the next step uses ρ = exp(α).
+      radius_state: the radius optimizer's state (its params are α).
+      base_state: the base optimizer's state.
+      radius_skips: int32, radius updates skipped so far because of non-finite values.
+      flat: a :class:`~flatjax.core.transform.FlatState` (step count and the last :class:`StepInfo`),
+        so :func:`flatjax.step_info` works on this state.
+    """
+
+    log_rho: jax.Array
+    radius_state: optax.OptState
+    base_state: optax.OptState
+    radius_skips: jax.Array
+    flat: FlatState
+
+
+def lets_radius_optimizer(
+    learning_rate: float = 1e-4,
+    *,
+    decay_rate: float = 0.99,
+    transition_steps: int = 391,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> optax.GradientTransformation:
+    """The default radius optimizer: Adam on α with an exponentially decaying learning rate.
+
+    The paper (Appendix E) uses Adam with initial learning rate 1e-4 and an "exponential" schedule for
+    α in every experiment. Its decay rate and Adam's β's are not legible in the stored text, so the
+    decay is a documented guess: ×``decay_rate`` per ``transition_steps`` updates, continuously
+    (default ×0.99 per 391 steps = one CIFAR epoch at batch 128, i.e. ×0.13 over 200 epochs).
+    """
+    check_range("learning_rate", learning_rate, low=0.0)
+    check_range("decay_rate", decay_rate, low=0.0, high=1.0, low_open=True)
+    check_positive_int("transition_steps", transition_steps)
+    check_range("b1", b1, low=0.0, high=1.0, high_open=True)
+    check_range("b2", b2, low=0.0, high=1.0, high_open=True)
+    schedule = optax.exponential_decay(learning_rate, transition_steps, decay_rate)
+    return optax.adam(schedule, b1=b1, b2=b2)
+
+
+def _check_transformation(name: str, value: Any) -> None:
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise ValueError(
+            f"{name} must be an Optax gradient transformation (with init and update), "
+            f"got {type(value).__name__}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    """An inner SAM-family rule: probe points ``w + sign_i · e(ρ)`` and a direction combining them."""
+
+    signs: tuple[float, ...]
+    ascent: Callable[[PyTree, PyTree, jax.Array, dict], PyTree]  # e(g, w, ρ, hyper), linear in ρ
+    combine: Callable[[list, PyTree, dict], PyTree]  # d(grads at the points, g, hyper)
+    weights: Callable[[dict], tuple]  # a_i with d = Σ a_i ∇L(point_i) + (terms without ρ)
+
+
+def _inner_rule(inner: str, eta, mask, crsam_alpha, crsam_beta) -> _Inner:
+    if inner == "sam":
+        return _Inner(
+            signs=(1.0,),
+            ascent=lambda g, w, rho, h: perturb.normalized_ascent(g, rho),
+            combine=lambda grads, g, h: grads[0],
+            weights=lambda h: (1.0,),
+        )
+    if inner == "asam":
+        mask_of = perturb.default_adaptive_mask if mask is None else (mask if callable(mask) else lambda w: mask)
+        return _Inner(
+            signs=(1.0,),
+            ascent=lambda g, w, rho, h: perturb.adaptive_ascent(g, w, rho, h["eta"], mask_of(w)),
+            combine=lambda grads, g, h: grads[0],
+            weights=lambda h: (1.0,),
+        )
+
+    def combine(grads, g, h):  # CR-SAM's code form, evaluated as flatjax.crsam does
+        a, b = h["crsam_alpha"], h["crsam_beta"]
+
+        def leaf(p, m, g0):
+            p32, m32, g32 = p.astype(jnp.float32), m.astype(jnp.float32), g0.astype(jnp.float32)
+            return (p32 + a * (p32 + m32 - 2.0 * g32) + b * (p32 - m32)).astype(p.dtype)
+
+        return jax.tree.map(leaf, grads[0], grads[1], g)
+
+    return _Inner(
+        signs=(1.0, -1.0),
+        ascent=lambda g, w, rho, h: perturb.normalized_ascent(g, rho),
+        combine=combine,
+        weights=lambda h: (1.0 + h["crsam_alpha"] + h["crsam_beta"], h["crsam_alpha"] - h["crsam_beta"]),
+    )
+
+
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+    return sum(
+        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def _sub(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b)
+
+
+def lets(
+    loss_fn: Callable[..., Any],
+    base_optimizer: optax.GradientTransformation,
+    *,
+    inner: str = "sam",
+    rho: float | None = None,
+    eta: ScalarOrSchedule = 0.01,
+    mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    crsam_alpha: ScalarOrSchedule = 0.1,
+    crsam_beta: ScalarOrSchedule = 0.01,
+    radius_optimizer: optax.GradientTransformation | None = None,
+    hypergradient: str = "fd",
+    fd_step: float = DEFAULT_FD_STEP,
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """LETS (Wang et al., ECML-PKDD 2024): a SAM-family step whose log-radius α is learned on the fly.
+
+    Unlike the other flatjax methods, the returned transformation contains the base optimizer (the
+    upper level needs the parameters AFTER the lower-level step): its updates are the FULL parameter
+    updates — apply them with ``optax.apply_updates``; do not chain another optimizer after it::
+
+        tx = flatjax.lets(loss_fn, optax.sgd(0.1, momentum=0.9), inner="sam", rho=0.05)
+        state = tx.init(params)
+        updates, state = tx.update(None, state, params, batch=batch, val_batch=val_batch)
+        params = optax.apply_updates(params, updates)
+        rho_now = jnp.exp(state.log_rho)
+
+    ``update(updates, state, params, *, batch, val_batch, loss_kwargs=None, clean_grad=None)``:
+    ``updates`` is not read (pass None); ``val_batch`` is required (the paper samples it from the
+    TRAINING set, a different mini-batch from ``batch``); ``loss_kwargs`` are used for every pass;
+    ``clean_grad`` (your ∇L_B(w)) replaces the clean pass when ``axis_name`` is None (the step then
+    reports loss = NaN and keeps the previous aux, as in :func:`flatjax.sam`).
+
+    With a radius learning rate of 0 the step equals ``optax.chain(flatjax.sam(loss_fn, exp(α₀)),
+    base_optimizer)`` (``asam``/``crsam`` likewise). See the module docstring for the math, the
+    hypergradient modes, and the non-finite handling (the radius update is SKIPPED, never raised).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, **loss_kwargs) -> loss`` or ``(loss, aux)``.
+      base_optimizer: the lower-level Optax optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)`` with
+        weight decay chained before it); any Optax transformation, schedules included.
+      inner: ``"sam"`` (LETS-SAM), ``"asam"`` (LETS-ASAM) or ``"crsam"`` (CR-SAM's code form).
+      rho: initial radius ρ₀ > 0 (α₀ = log ρ₀ in float32); None: 0.05 (sam), 0.5 (asam), 0.1 (crsam).
+        The paper reports LETS to be robust to this choice (its Table 5).
+      eta: ASAM's η ≥ 0 in ``T = |w| + η`` (0.01).
+      mask: ASAM's adaptive leaves (pytree of bools or ``params -> mask``; None: kernels/scales/embeddings).
+      crsam_alpha, crsam_beta: CR-SAM's curvature and slope weights ≥ 0 (its α, β: 0.1, 0.01).
+      radius_optimizer: Optax transformation for α (minimizes F); None: :func:`lets_radius_optimizer`
+        (Adam, lr 1e-4, exponential decay).
+      hypergradient: ``"fd"``, ``"fd_forward"``, ``"exact"``, ``"exact_total"`` or ``"diag"``.
+      fd_step: > 0, parameter-space length of the finite-difference displacement (r = fd_step/‖v‖).
+      has_aux / aux_init: ``loss_fn`` returns ``(loss, aux)``; aux is reported from the clean pass.
+      axis_name: data-parallel axis of an enclosing ``shard_map``: every loss and gradient (hence the
+        hypergradient and α) is averaged over it.
+
+    Reports (:func:`flatjax.step_info`): ``loss``/``aux`` of the clean pass; ``probe_losses`` =
+    [L_B(w), L_B(w+e) (CR-SAM: and L_B(w−e)), L_V(w'), L_B(w')]; diagnostics ``rho`` (the ρ this step
+    used), ``upper_loss`` (F = gap²/2), ``gap`` (L_V(w') − L_B(w')), ``hypergrad`` (dF/dα),
+    ``grad_norm`` (‖g‖) and ``radius_skips`` (cumulative skipped radius updates).
+    """
+    check_callable("loss_fn", loss_fn)
+    _check_transformation("base_optimizer", base_optimizer)
+    check_choice("inner", inner, INNERS)
+    check_choice("hypergradient", hypergradient, HYPERGRADIENTS)
+    if rho is None:
+        rho = DEFAULT_RHO[inner]
+    if callable(rho):
+        raise ValueError("rho is the INITIAL radius (a positive number); LETS learns it, so no schedule")
+    check_range("rho", rho, low=0.0, low_open=True)
+    if not math.isfinite(float(rho)):
+        raise ValueError(f"rho must be finite, got {rho!r}")
+    check_range("fd_step", fd_step, low=0.0, low_open=True)
+    check_range("eta", eta, low=0.0)
+    check_range("crsam_alpha", crsam_alpha, low=0.0)
+    check_range("crsam_beta", crsam_beta, low=0.0)
+    if radius_optimizer is None:
+        radius_optimizer = lets_radius_optimizer()
+    _check_transformation("radius_optimizer", radius_optimizer)
+    if has_aux and aux_init is None:
+        raise ValueError(
+            "lets: has_aux=True needs aux_init, the initial value of the aux your loss returns "
+            "(e.g. the model's initial batch_stats), so the state has a fixed structure"
+        )
+    if not has_aux and aux_init is not None:
+        raise ValueError("lets: aux_init is only used with has_aux=True")
+
+    base = optax.with_extra_args_support(base_optimizer)
+    radius_opt = optax.with_extra_args_support(radius_optimizer)
+    rule = _inner_rule(inner, eta, mask, crsam_alpha, crsam_beta)
+    n_probes = 1 + len(rule.signs) + 2
+    alpha0 = jnp.log(jnp.asarray(rho, jnp.float32))
+    aux_template = jax.tree.map(jnp.asarray, aux_init) if has_aux else None
+    fd_step = float(fd_step)
+
+    def hyper_of(count):
+        return {"eta": value_at(eta, count), "crsam_alpha": value_at(crsam_alpha, count),
+                "crsam_beta": value_at(crsam_beta, count)}
+
+    def init_fn(params: PyTree) -> LetsState:
+        alpha = jnp.array(alpha0)
+        info = StepInfo(
+            loss=jnp.zeros((), jnp.float32),
+            probe_losses=jnp.zeros((n_probes,), jnp.float32),
+            aux=jax.tree.map(jnp.array, aux_template),
+            diagnostics={k: jnp.zeros((), jnp.float32) for k in DIAGNOSTICS},
+        )
+        flat = FlatState(count=jnp.zeros((), jnp.int32), key=_raw_key(0), method=(), info=info)
+        return LetsState(
+            log_rho=alpha,
+            radius_state=radius_opt.init(alpha),
+            base_state=base.init(params),
+            radius_skips=jnp.zeros((), jnp.int32),
+            flat=flat,
+        )
+
+    def update_fn(
+        updates: PyTree,
+        state: LetsState,
+        params: PyTree = None,
+        *,
+        batch: PyTree = None,
+        val_batch: PyTree = None,
+        loss_kwargs: dict | None = None,
+        clean_grad: PyTree = None,
+        **unused_extra_args: Any,
+    ):
+        del updates  # never read: every pass is evaluated here
+        if params is None:
+            raise ValueError("lets: update needs params: tx.update(None, state, params, batch=..., val_batch=...)")
+        if batch is None:
+            raise ValueError("lets: update needs the training mini-batch: tx.update(..., batch=batch)")
+        if val_batch is None:
+            raise ValueError(
+                "lets: update needs the validation mini-batch: tx.update(..., batch=batch, val_batch=val_batch) "
+                "(the paper samples it from the training set: another random mini-batch)"
+            )
+        ev = Evaluator(loss_fn, has_aux, dict(loss_kwargs or {}), axis_name, "sequential")
+        count = state.flat.count
+        hyper = hyper_of(count)
+        alpha = state.log_rho
+        rho_t = jnp.exp(alpha)
+
+        if clean_grad is not None and axis_name is None:
+            loss0, aux0, g = jnp.float32(NAN), None, clean_grad
+        else:
+            loss0, aux0, g = ev.value_and_grad(params, batch)
+
+        def direction(r):
+            """The inner direction at radius r, with the losses and gradients at its probe points."""
+            e = rule.ascent(g, params, r, hyper)
+            points = [add_scaled(params, e) if s == 1.0 else add_scaled(params, e, s) for s in rule.signs]
+            results = [ev.value_and_grad(p, batch) for p in points]
+            grads = [res[2] for res in results]
+            return rule.combine(grads, g, hyper), (jnp.stack([res[0] for res in results]), grads)
+
+        def base_step(x):
+            return base.update(x, state.base_state, params)
+
+        one = jnp.ones((), jnp.float32)
+        if hypergradient == "exact_total":
+
+            def upper_of_alpha(a):
+                d, (point_losses, _) = direction(jnp.exp(a))
+                u, new_base = base_step(d)
+                w1 = optax.apply_updates(params, u)
+                lv = ev.value_and_grad(w1, val_batch)[0]
+                lb = ev.value_and_grad(w1, batch)[0]
+                gap = lv - lb
+                return 0.5 * gap * gap, (u, new_base, point_losses, lv, lb, gap)
+
+            upper, hypergrad, (u, new_base_state, point_losses, lv, lb, gap) = jax.jvp(
+                upper_of_alpha, (alpha,), (one,), has_aux=True
+            )
+        else:
+            if hypergradient == "exact":
+                d, dd, (point_losses, _) = jax.jvp(direction, (rho_t,), (one,), has_aux=True)
+            else:
+                d, (point_losses, grads) = direction(rho_t)
+                v = rule.ascent(g, params, one, hyper)  # de/dρ
+                if hypergradient == "diag":
+                    dd = None
+                    for a_i, s_i, gi in zip(rule.weights(hyper), rule.signs, grads):
+                        term = jax.tree.map(
+                            lambda x, vv, c=a_i * s_i: c * x.astype(jnp.float32) ** 2 * vv.astype(jnp.float32),
+                            gi, v)
+                        dd = term if dd is None else jax.tree.map(jnp.add, dd, term)
+                else:
+                    r = fd_step / (global_norm(v) + XI)
+                    d_plus = direction(rho_t + r)[0]
+                    if hypergradient == "fd":
+                        dd = jax.tree.map(lambda x: x / (2.0 * r), _sub(d_plus, direction(rho_t - r)[0]))
+                    else:
+                        dd = jax.tree.map(lambda x: x / r, _sub(d_plus, d))
+            dd = cast_like(dd, d)
+            (u, new_base_state), (du, _) = jax.jvp(base_step, (d,), (dd,))
+            w1 = optax.apply_updates(params, u)
+            lv, _, gv = ev.value_and_grad(w1, val_batch)
+            lb, _, gb = ev.value_and_grad(w1, batch)
+            gap = lv - lb
+            upper = 0.5 * gap * gap
+            hypergrad = rho_t * gap * _vdot(_sub(gv, gb), du)
+
+        hypergrad = jnp.asarray(hypergrad, jnp.float32)
+        radius_updates, new_radius_state = radius_opt.update(hypergrad, state.radius_state, alpha)
+        new_alpha = jnp.asarray(optax.apply_updates(alpha, radius_updates), jnp.float32)
+        ok = jnp.isfinite(hypergrad) & jnp.isfinite(new_alpha)
+        new_alpha = jnp.where(ok, new_alpha, alpha)
+        new_radius_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_radius_state, state.radius_state)
+        skips = state.radius_skips + jnp.logical_not(ok).astype(jnp.int32)
+
+        aux = state.flat.info.aux if (aux0 is None or not has_aux) else _check_aux(aux0, aux_template)
+        diagnostics = {
+            "rho": rho_t, "upper_loss": upper, "gap": gap, "hypergrad": hypergrad,
+            "grad_norm": global_norm(g), "radius_skips": skips,
+        }
+        info = StepInfo(
+            loss=jnp.asarray(loss0, jnp.float32),
+            probe_losses=jnp.concatenate(
+                [jnp.reshape(loss0, (1,)), point_losses, jnp.stack([lv, lb])]).astype(jnp.float32),
+            aux=aux,
+            diagnostics={k: jnp.asarray(diagnostics[k], jnp.float32) for k in DIAGNOSTICS},
+        )
+        flat = FlatState(optax.safe_increment(count), state.flat.key, state.flat.method, info)
+        new_state = LetsState(new_alpha, new_radius_state, new_base_state, skips, flat)
+        return cast_like(u, params), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
