@@ -62,7 +62,7 @@ def load_digits(
 
     Returns:
       ``(train, test)`` datasets with ``float32`` images and ``int32`` labels, class
-      names ``"0"``..``"9"`` (1,437 / 360 examples with the default fraction).
+      names ``"0"``..``"9"`` (1,438 / 359 examples with the default fraction).
 
     Raises:
       ImportError: if scikit-learn is not installed.

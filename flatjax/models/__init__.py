@@ -6,7 +6,13 @@ kernels are ``(kh, kw, in, out)``. For the optimizers, turn a model into
 :func:`make_apply` (see :mod:`flatjax.models.functional`).
 """
 
-from flatjax.models.functional import count_params, make_apply, merge_model, split_model
+from flatjax.models.functional import (
+    count_params,
+    make_apply,
+    make_loss_fn,
+    merge_model,
+    split_model,
+)
 from flatjax.models.mlp import MLP
 from flatjax.models.pyramidnet import PyramidNet
 from flatjax.models.registry import available, create
@@ -26,6 +32,7 @@ __all__ = [
     "count_params",
     "create",
     "make_apply",
+    "make_loss_fn",
     "merge_model",
     "split_model",
 ]

@@ -6,7 +6,8 @@ and shapes match the published models:
 * convolutions pad ``kernel // 2`` on every side (not Flax's ``"SAME"``, which pads
   asymmetrically for stride 2 and would shift the sampling grid);
 * convolutions have no bias when a BatchNorm follows;
-* BatchNorm uses momentum 0.9 and epsilon 1e-5 (PyTorch's ``momentum=0.1``);
+* BatchNorm uses momentum 0.9 and epsilon 1e-5 (PyTorch's ``momentum=0.1``); unlike
+  PyTorch, the running variance tracks the biased batch variance (Flax's convention);
 * kernels are ``(kh, kw, in, out)``: output channels on the last axis, which the
   filter-wise perturbations of the optimizers rely on.
 """

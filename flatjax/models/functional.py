@@ -11,11 +11,14 @@ in train or eval mode and returns the updated state::
     graphdef, params, model_state = split_model(model)
     apply = make_apply(graphdef)
 
-    def loss_fn(params, batch):          # close over model_state / key in the step
-        logits, new_state = apply(params, batch["model_state"], batch["image"],
-                                  train=True, dropout_key=batch["key"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, new_state           # aux: the new BatchNorm statistics
+    # loss_fn(params, batch, model_state, dropout_key=None) -> (loss, new_model_state)
+    loss_fn = make_loss_fn(graphdef)
+    tx = optax.chain(flatjax.sam(loss_fn, 0.05, has_aux=True, aux_init=model_state),
+                     optax.sgd(0.1, momentum=0.9))
+    ...  # in the jitted step:
+    updates, opt_state = tx.update(None, opt_state, params, batch=batch,
+                                   loss_kwargs={"model_state": model_state, "dropout_key": key})
+    model_state = flatjax.step_info(opt_state).aux   # statistics of the clean pass
 
     logits, _ = apply(params, model_state, images, train=False)   # evaluation
 
@@ -32,6 +35,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 
 Params = dict[str, Any]
@@ -113,6 +117,47 @@ def make_apply(graphdef: nnx.GraphDef) -> ApplyFn:
         return logits, new_state
 
     return apply
+
+
+def make_loss_fn(
+    graphdef: nnx.GraphDef, *, label_smoothing: float = 0.0
+) -> Callable[..., tuple[jax.Array, ModelState]]:
+    """Returns a train-mode classification loss in the flatjax ``loss_fn`` contract.
+
+    Args:
+      graphdef: the graph definition from :func:`split_model`.
+      label_smoothing: label-smoothing factor in [0, 1).
+
+    Returns:
+      ``loss_fn(params, batch, model_state, dropout_key=None) -> (loss, new_model_state)``:
+      mean softmax cross-entropy of ``batch["image"]`` against the integer
+      ``batch["label"]``, with the model in train mode; the new BatchNorm statistics
+      (and dropout RNG counters) are the auxiliary output. Pass ``model_state`` and
+      ``dropout_key`` through the method's ``loss_kwargs``.
+
+    Raises:
+      ValueError: if ``label_smoothing`` is outside [0, 1).
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    apply = make_apply(graphdef)
+
+    def loss_fn(
+        params: Params,
+        batch: dict[str, jax.Array],
+        model_state: ModelState,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, ModelState]:
+        logits, new_state = apply(params, model_state, batch["image"], train=True, dropout_key=dropout_key)
+        labels = batch["label"]
+        if label_smoothing:
+            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, new_state
+
+    return loss_fn
 
 
 def count_params(tree_or_model: Any) -> int:

@@ -6,8 +6,9 @@ output); the shortcut is the identity, average-pooled 2x2 when the block downsam
 and zero-padded along channels to the new width (no parameters).
 
 ``pyramidnet110`` is depth 110 with basic blocks (18 per stage) and alpha = 270:
-28,485,477 parameters for 10 classes, the paper's "28.3M" row (Table 4, PyramidNet
-alpha=270, depth 110); this is the PyramidNet-110 of the CR-SAM and LETS CIFAR tables.
+28,485,477 parameters for 10 classes with the reference code's construction (the
+paper lists this network as 28.3M). It is the PyramidNet-110 of the CR-SAM and LETS
+CIFAR tables.
 Bottleneck PyramidNets (e.g. depth 272, alpha 200 with ShakeDrop in the SAM paper)
 are not implemented.
 """

@@ -15,8 +15,8 @@ from flatjax.models.vit import vit_s32, vit_s_cifar
 from flatjax.models.wide_resnet import wrn28_10
 
 
-def _small_cnn(num_classes: int, *, rngs: nnx.Rngs, **kw: Any) -> nnx.Module:
-    return cifar_resnet(num_classes, depth=8, rngs=rngs, **kw)
+def _small_cnn(num_classes: int, *, rngs: nnx.Rngs, depth: int = 8, **kw: Any) -> nnx.Module:
+    return cifar_resnet(num_classes, depth=depth, rngs=rngs, **kw)
 
 
 def _resnet20(num_classes: int, *, rngs: nnx.Rngs, **kw: Any) -> nnx.Module:
@@ -38,8 +38,8 @@ _BUILDERS: dict[str, Callable[..., nnx.Module]] = {
 
 _DESCRIPTIONS = {
     "mlp": "MLP on flattened inputs (in_features=64 for 8x8 digits); kw: in_features, hidden",
-    "small_cnn": "ResNet-8 (He et al. 2016 CIFAR family), ~78K params; kw: width",
-    "resnet20": "CIFAR ResNet-20 (He et al. 2016), 0.27M params; kw: width",
+    "small_cnn": "ResNet-8 (He et al. 2016 CIFAR family), 78K params; kw: width, depth, in_channels",
+    "resnet20": "CIFAR ResNet-20 (He et al. 2016), 0.27M params; kw: width, in_channels",
     "resnet18": "ResNet-18 (He et al. 2016); kw: stem='cifar'|'imagenet'",
     "resnet50": "ResNet-50 (He et al. 2016); kw: stem='cifar'|'imagenet'",
     "wrn28_10": "WideResNet-28-10 (Zagoruyko & Komodakis 2016); kw: dropout_rate",
@@ -69,10 +69,16 @@ def create(
       name: one of :func:`available` (e.g. ``"resnet18"``, ``"wrn28_10"``).
       num_classes: number of output logits.
       seed: seeds the ``params`` and ``dropout`` streams when ``rngs`` is not given.
+        The ``params`` stream then uses JAX's ``"rbg"`` PRNG (XLA RngBitGenerator):
+        threefry, the default, compiles one kernel per parameter shape, which made
+        eager initialization of a ResNet take tens of seconds on CPU. Initial values
+        are reproducible per seed on a given backend but may differ between CPU, GPU
+        and TPU; pass ``rngs`` for threefry keys.
       rngs: explicit NNX random streams (give it a ``dropout`` stream so that
         ``make_apply``'s ``dropout_key`` can reseed it).
-      **kw: model-specific options (see :func:`available`), plus ``dtype`` for the
-        computation dtype, e.g. ``jnp.bfloat16``.
+      **kw: model-specific options (see :func:`available`), e.g. ``in_channels=1``
+        for grayscale images, plus ``dtype`` for the computation dtype
+        (e.g. ``jnp.bfloat16``).
 
     Returns:
       The model, in train mode (NNX's default); inputs are NHWC.
@@ -85,6 +91,8 @@ def create(
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if rngs is None:
-        k_params, k_dropout = jax.random.split(jax.random.key(seed))
-        rngs = nnx.Rngs(params=k_params, dropout=k_dropout)
+        rngs = nnx.Rngs(
+            params=jax.random.key(seed, impl="rbg"),
+            dropout=jax.random.fold_in(jax.random.key(seed), 1),
+        )
     return _BUILDERS[name](num_classes, rngs=rngs, **kw)

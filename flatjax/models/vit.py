@@ -13,11 +13,14 @@ Two configurations:
   dim 512, depth 6, 8 heads of 64, MLP 512, dropout 0.1, embedding dropout 0.1 and a
   bias-free qkv projection: 9,523,722 parameters for 10 classes.
 * ``vit_s32`` - ViT-S/32 for 224x224 ImageNet (dim 384, depth 12, 6 heads, MLP 1536,
-  qkv bias, dropout 0.1 as requested for the RWP/CR-SAM ImageNet runs): 22,878,952
-  parameters for 1000 classes (timm's ``vit_small_patch32_224``).
+  qkv bias, dropout 0.1): 22,878,952 parameters for 1000 classes (timm's
+  ``vit_small_patch32_224``).
 
 Parameter layout: the position embedding is ``(1, tokens, dim)`` and the class token
-``(1, 1, dim)`` (PyTorch's layout); linear kernels are ``(in, out)``.
+``(1, 1, dim)`` (PyTorch's layout); linear kernels are ``(in, out)``. Note for
+filter-wise perturbations: with flatjax's last-axis filter convention these two
+embeddings split into ``dim`` filters, while the PyTorch RWP code treats a tensor
+with a leading axis of size 1 as one single filter.
 """
 
 from __future__ import annotations

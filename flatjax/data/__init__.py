@@ -1,0 +1,69 @@
+"""Datasets, augmentations and batch iteration for the experiments.
+
+* :func:`load_digits` - the offline default (scikit-learn's 8x8 digits).
+* :func:`load_image_folder` / :func:`load_cifar10_folder` - ``root/<split>/<class>/*.jpg``.
+* :func:`load_tfds` / :func:`tfds_imagenet_batches` - TensorFlow Datasets (optional
+  extra, imported lazily).
+* :mod:`~flatjax.data.augment` - crop, flip, normalization, Cutout, RandAugment.
+* :class:`BatchIterator`, :func:`prefetch`, :func:`shard_batch` - feeding devices.
+"""
+
+from flatjax.data.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageTransform,
+    channel_mean_std,
+    cifar_transforms,
+    cutout,
+    flip_horizontal,
+    normalize,
+    random_crop,
+    random_flip,
+)
+from flatjax.data.dataset import ArrayDataset, DatasetNotFoundError
+from flatjax.data.digits import load_digits
+from flatjax.data.image_folder import (
+    CIFAR10_ENV_VAR,
+    load_cifar10_folder,
+    load_image_folder,
+    resolve_cifar10_dir,
+)
+from flatjax.data.iterator import BatchIterator, prefetch
+from flatjax.data.randaugment import rand_augment
+from flatjax.data.sharding import data_mesh, shard_batch
+from flatjax.data.tfds import load_tfds, tfds_imagenet_batches
+
+__all__ = [
+    "ArrayDataset",
+    "BatchIterator",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CIFAR10_ENV_VAR",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DatasetNotFoundError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageTransform",
+    "channel_mean_std",
+    "cifar_transforms",
+    "cutout",
+    "data_mesh",
+    "flip_horizontal",
+    "load_cifar10_folder",
+    "load_digits",
+    "load_image_folder",
+    "load_tfds",
+    "normalize",
+    "prefetch",
+    "rand_augment",
+    "random_crop",
+    "random_flip",
+    "resolve_cifar10_dir",
+    "shard_batch",
+    "tfds_imagenet_batches",
+]
