@@ -64,10 +64,13 @@ def make_method(name: str, total_steps: int):
         "arwp": lambda: flatjax.arwp(loss_fn, sigma=flatjax.cosine_increasing(0.001, 10.0, total_steps)),
         "mrwp": lambda: flatjax.mrwp(loss_fn, sigma=0.015),
         "marwp": lambda: flatjax.marwp(loss_fn, sigma=0.015),
+        "wpsgd": lambda: flatjax.wpsgd(loss_fn, sigma=0.01),
+        "nso": lambda: flatjax.nso(loss_fn, sigma=0.01),
+        "crsam": lambda: flatjax.crsam(loss_fn, rho=0.1, alpha=0.1, beta=0.01),
     }[name]()
 
 
-METHODS = ("sgd", "sam", "asam", "rwp", "arwp", "mrwp", "marwp")
+METHODS = ("sgd", "sam", "asam", "rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso", "crsam")
 
 
 def train(name: str, data, *, epochs: int, batch_size: int, lr: float, seed: int):
