@@ -36,8 +36,12 @@ def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
     weights = jnp.asarray(weights, jnp.float32)
 
     def combine(leaf):
-        w = weights.reshape((-1,) + (1,) * (leaf.ndim - 1))
-        return jnp.sum(w * leaf.astype(jnp.float32), axis=0).astype(leaf.dtype)
+        # An unrolled sum of slices: XLA:CPU reduces over a stacked leading axis several times slower
+        # (measured: +1 SGD step per probe on a 670k-parameter MLP). Probe counts are small.
+        total = weights[0] * leaf[0].astype(jnp.float32)
+        for i in range(1, leaf.shape[0]):
+            total = total + weights[i] * leaf[i].astype(jnp.float32)
+        return total.astype(leaf.dtype)
 
     return jax.tree.map(combine, stacked)
 

@@ -18,7 +18,7 @@ from flatjax.core import perturb
 from flatjax.core.evaluate import Strategy
 from flatjax.core.schedule import ScalarOrSchedule, value_at
 from flatjax.core.transform import NAN, Direction, StepContext, flat_transformation
-from flatjax.core.tree import PyTree, add_scaled, global_norm, index
+from flatjax.core.tree import PyTree, add_scaled, global_norm, index, weighted_sum
 from flatjax.core.validate import check_positive_int, check_range
 
 # ascent(grad, params, hyper) -> perturbation e
@@ -67,7 +67,7 @@ def _sam_direction(ascent: Ascent, hyper_of: Callable[[jax.Array], dict], m: int
             es = jax.vmap(lambda g: ascent(g, ctx.params, hyper))(clean.grads)
             points = [add_scaled(ctx.params, index(es, i)) for i in range(len(groups))]
             pert = ctx.probes(points, groups, reduce=False)
-            d = jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), axis=0).astype(x.dtype), pert.grads)
+            d = weighted_sum(pert.grads, jnp.full((len(groups),), 1.0 / len(groups)))
             loss0, loss1, aux0 = jnp.mean(clean.losses), jnp.mean(pert.losses), _mean_aux(clean.aux)
             grad_norm = jnp.mean(jax.vmap(global_norm)(clean.grads))
             if ctx.evaluator.axis_name is not None:  # m-sharpness inside a data-parallel shard_map
