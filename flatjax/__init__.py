@@ -7,6 +7,7 @@ updates are a descent direction for the optimizer chained after it):
 * :func:`rwp`, :func:`arwp`, :func:`mrwp`, :func:`marwp` — Li et al., TMLR 2024.
 * :func:`wpsgd`, :func:`nso` — Zhang et al., TMLR 2024.
 * :func:`crsam` — Wu et al., AAAI 2024.
+* :func:`lets` — learns the radius of SAM/ASAM/CR-SAM (Wang et al., ECML-PKDD 2024).
 
 Sub-packages imported on demand: ``flatjax.sharpness`` (measurement), ``flatjax.models`` and
 ``flatjax.data`` (need the ``experiments`` extra).
@@ -15,7 +16,7 @@ Sub-packages imported on demand: ``flatjax.sharpness`` (measurement), ``flatjax.
 from flatjax.core import ShardMapProbes, StepInfo, cosine_increasing, step_info
 from flatjax.guard import skip_nonfinite
 from flatjax.hyperparams import inject_hyperparams
-from flatjax.methods import arwp, asam, crsam, marwp, mrwp, nso, rwp, sam, wpsgd
+from flatjax.methods import arwp, asam, crsam, lets, lets_radius_optimizer, marwp, mrwp, nso, rwp, sam, wpsgd
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "cosine_increasing",
     "crsam",
     "inject_hyperparams",
+    "lets",
+    "lets_radius_optimizer",
     "marwp",
     "mrwp",
     "nso",

@@ -9,7 +9,7 @@ import optax
 
 #: Arguments that are functions, structure or shapes, never schedulable hyper-parameters.
 STRUCTURAL_ARGS = ("loss_fn", "m", "k", "mask", "seed", "aux_init", "strategy", "axis_name", "inner",
-                   "noise", "form", "hvp", "radius_optimizer")
+                   "noise", "form", "hypergradient", "base_optimizer", "radius_optimizer")
 
 
 def inject_hyperparams(

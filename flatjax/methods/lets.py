@@ -36,8 +36,11 @@ Hypergradient modes (``hypergradient=``), all in one jitted step:
   move by ``fd_step`` in parameter space (DARTS' convention, Liu et al. 2019: 0.01). Why 1e-2: the
   truncation error is O(r²) (about 1e-4 relative for smooth losses), while float32 round-off in the
   gradient difference grows like ε₃₂‖∇L‖/r (≈1e-5 relative at r = 1e-2, ≈1e-3 at r = 1e-4). Two
-  extra gradient passes per inner point.
-* ``"fd_forward"``: one-sided ``(d(ρ + r) − d(ρ)) / r``: one extra pass per inner point, O(r) error.
+  extra gradient passes per inner point. Measured on the test MLP (float32, hypergradient dF/dα
+  against ``"exact"``): 5e-5–1e-4 relative at fd_step = 1e-2, 2e-4–8e-4 at 3e-2, up to 3e-3 at 1e-4.
+* ``"fd_forward"``: one-sided ``(d(ρ + r) − d(ρ)) / r``: one extra pass per inner point, O(r) error
+  (default fd_step = 1e-3, near the float32 optimum √ε₃₂ scale: 0.07–0.2 % relative on the test MLP;
+  1.3 % at 1e-2).
   The paper says the Hessian "can be approximated by a first-order derivative" following Bottou,
   Curtis & Nocedal (2018) and Khan et al. (2018); this one-sided form is one reading of that.
 * ``"exact"``: forward-over-reverse ``jax.jvp`` of the direction map in ρ (for SAM:
@@ -52,13 +55,14 @@ Hypergradient modes (``hypergradient=``), all in one jitted step:
 Inner methods (``inner=``):
 
 * ``"sam"``: ``e = ρ g/(‖g‖+ξ)``, ``d = ∇L_B(w+e)`` (identical to :func:`flatjax.sam`).
-* ``"asam"``: ``e = ρ T²g/(‖Tg‖+ξ)``, ``T = |w| + η`` on ``mask`` leaves (identical to :func:`flatjax.asam`).
+* ``"asam"``: ``e = ρ T²g/(‖Tg‖+ξ)``, ``T = |w| + η`` on ``mask`` leaves (as :func:`flatjax.asam`).
 * ``"crsam"``: CR-SAM's released-code form (:func:`flatjax.crsam` with ``form="code"``):
-  ``d = ∇L+ + a(∇L+ + ∇L− − 2g) + b(∇L+ − ∇L−)``, ``∇L± = ∇L_B(w ± ρv)``, ``v = g/(‖g‖+ξ)``. In CR-SAM
-  ρ is both SAM's radius and the finite-difference step of the curvature/slope estimates, so LETS
-  learns the two together; ``dd/dρ = (1+a+b) H(w+ρv) v − (a−b) H(w−ρv) v`` (the chain rule goes
-  through both probe points). CR-SAM's ``form="log"`` is not offered: there ρ also enters through the
-  divisions by the finite-difference curvature and slope.
+  ``d = ∇L+ + a(∇L+ + ∇L− − 2g) + b(∇L+ − ∇L−)``, ``∇L± = ∇L_B(w ± ρv)``, ``v = g/(‖g‖+ξ)``
+  (a, b = ``crsam_alpha``, ``crsam_beta``). In CR-SAM ρ is both SAM's radius and the
+  finite-difference step of the curvature/slope estimates, so LETS learns the two together:
+  ``dd/dρ = (1+a+b) H(w+ρv) v − (a−b) H(w−ρv) v`` (the chain rule goes through both probe points).
+  CR-SAM's ``form="log"`` is not offered: there ρ also enters through the divisions by the
+  finite-difference curvature and slope.
 
 Non-finite values: when the hypergradient or the new α is not finite (e.g. a NaN/Inf loss in the
 validation batch), the RADIUS update is skipped: α and the radius-optimizer state are kept, and the
@@ -70,6 +74,15 @@ A non-finite TRAINING step (NaN updates) is returned as is: wrap the whole trans
 Cost per step (gradient passes; SAM itself: 2): clean 1 + inner points (1; CR-SAM 2) + upper 2
 (∇L_V(w'), ∇L_B(w')) + HVP: fd 2 per point, fd_forward 1, exact ≈ 1–2 (a jvp of a gradient), diag 0.
 Passes are evaluated one after another (no probe strategy); ``axis_name`` gives data parallelism.
+Measured (``experiments/results/bench_lets.md``, CPU MLP 784-512-512-10): LETS-SAM / SAM step time
+≈ 2.9 (fd), 2.5 (fd_forward), 2.7 (exact), 2.0 (diag); LETS-ASAM / SAM about the same.
+
+Open points against the sources: the default ``"fd"`` follows the issue; ALGORITHMS.md proposes
+``"exact"`` as default unless too slow, and on the CPU benchmark ``"exact"`` costs no more than
+central fd (2.7 vs 2.9 × SAM; within noise of each other on a loaded machine). The paper's own Eq. (5) is illegible in the stored text; it cites Bottou et al. (whose
+Hessian-free section uses a one-sided gradient difference) and Khan et al. (a squared-gradient
+Hessian approximation), which matches ``"fd_forward"`` or ``"diag"`` rather than central fd.
+The decay rate of the radius learning rate is likewise not legible (see :func:`lets_radius_optimizer`).
 """
 
 from __future__ import annotations
@@ -93,8 +106,8 @@ INNERS = ("sam", "asam", "crsam")
 HYPERGRADIENTS = ("fd", "fd_forward", "exact", "exact_total", "diag")
 #: Initial radius per inner method when ``rho=None`` (the papers' CIFAR-10 values).
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "crsam": 0.1}
-#: Parameter-space length of the finite-difference displacement (DARTS' 0.01; see module docstring).
-DEFAULT_FD_STEP = 1e-2
+#: Parameter-space length of the finite-difference displacement per mode (see module docstring).
+DEFAULT_FD_STEP = {"fd": 1e-2, "fd_forward": 1e-3}
 DIAGNOSTICS = ("rho", "upper_loss", "gap", "hypergrad", "grad_norm", "radius_skips")
 
 
@@ -215,7 +228,7 @@ def lets(
     crsam_beta: ScalarOrSchedule = 0.01,
     radius_optimizer: optax.GradientTransformation | None = None,
     hypergradient: str = "fd",
-    fd_step: float = DEFAULT_FD_STEP,
+    fd_step: float | None = None,
     has_aux: bool = False,
     aux_init: PyTree = None,
     axis_name: str | None = None,
@@ -255,7 +268,8 @@ def lets(
       radius_optimizer: Optax transformation for α (minimizes F); None: :func:`lets_radius_optimizer`
         (Adam, lr 1e-4, exponential decay).
       hypergradient: ``"fd"``, ``"fd_forward"``, ``"exact"``, ``"exact_total"`` or ``"diag"``.
-      fd_step: > 0, parameter-space length of the finite-difference displacement (r = fd_step/‖v‖).
+      fd_step: > 0, parameter-space length of the finite-difference displacement (r = fd_step/‖v‖);
+        None: 1e-2 for ``"fd"``, 1e-3 for ``"fd_forward"`` (unused by the other modes).
       has_aux / aux_init: ``loss_fn`` returns ``(loss, aux)``; aux is reported from the clean pass.
       axis_name: data-parallel axis of an enclosing ``shard_map``: every loss and gradient (hence the
         hypergradient and α) is averaged over it.
@@ -276,6 +290,8 @@ def lets(
     check_range("rho", rho, low=0.0, low_open=True)
     if not math.isfinite(float(rho)):
         raise ValueError(f"rho must be finite, got {rho!r}")
+    if fd_step is None:
+        fd_step = DEFAULT_FD_STEP.get(hypergradient, 1e-2)
     check_range("fd_step", fd_step, low=0.0, low_open=True)
     check_range("eta", eta, low=0.0)
     check_range("crsam_alpha", crsam_alpha, low=0.0)
