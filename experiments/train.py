@@ -1,0 +1,523 @@
+"""Training CLI: the seed papers' CIFAR configs and an offline digits sweep, for every flatjax method.
+
+    python -m experiments.train                         # offline default: digits MLP, every method
+    python -m experiments.train --list-configs
+    python -m experiments.train --config cifar100_resnet18_marwp --data-dir ~/CIFAR-10-images-jpg
+    python -m experiments.train --method sam --steps 2 --out runs/smoke
+    python -m experiments.train --config digits_mlp_sam --steps 100 --out runs/a    # then, later:
+    python -m experiments.train --config digits_mlp_sam --out runs/a --resume       # continues exactly
+
+Every run writes under ``--out`` (default ``runs/<timestamp>``), in ``<out>/<config name>/``:
+``metrics.csv`` / ``metrics.json`` (one row per epoch, plus the final summary), ``params.msgpack``
+(``flax.serialization.msgpack_serialize`` of the final ``params``), ``ckpt/`` (orbax checkpoints of
+params, model state, optimizer state and the step; the data position follows from the step because the
+:class:`flatjax.data.BatchIterator` order is a function of ``(seed, epoch, step)``), and TensorBoard
+events when ``tensorboardX`` is installed. ``<out>/results.md`` holds the Markdown results table.
+
+The update is one jitted step ``skip_nonfinite(chain(method, add_decayed_weights(wd), sgd(lr_t, momentum)))``
+(coupled weight decay, as the papers' torch SGD); BatchNorm statistics travel as the method's ``aux``
+(``has_aux=True``, ``aux_init=model_state``). With more than one device (``--devices``, default all), the
+step runs inside ``jax.shard_map`` over a ``"data"`` mesh axis and the methods get ``axis_name="data"``
+(their global, data-parallel mode: one perturbation from the global gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+import flatjax
+from experiments.configs import CONFIGS, METHODS, TrainConfig, default_config, get_config
+from flatjax import data as fdata
+from flatjax import models as fmodels
+
+#: The no-argument sweep (all methods; each ~10 s on 2 CPU cores).
+DEFAULT_SWEEP = METHODS
+_SEEDED = ("rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso")  # methods drawing noise from a seed
+
+
+# ---- data --------------------------------------------------------------------------------------------
+
+
+def load_data(cfg: TrainConfig, data_dir: str | None, seed: int
+              ) -> tuple[fdata.ArrayDataset, fdata.ArrayDataset, Callable | None, Callable | None]:
+    """Loads ``(train, test, train_transform, eval_transform)`` for ``cfg.dataset``.
+
+    Raises:
+      DatasetNotFoundError: when a CIFAR folder / TFDS dataset is missing (with instructions).
+      ValueError: for an unknown dataset name.
+    """
+    if cfg.dataset == "digits":
+        train, test = fdata.load_digits(seed=0)
+        return train, test, None, None
+    if cfg.dataset == "cifar10-folder":
+        train = fdata.load_cifar10_folder(data_dir, "train")
+        test = fdata.load_cifar10_folder(data_dir, "test")
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        train = fdata.load_tfds(cfg.dataset, "train", data_dir=data_dir)
+        test = fdata.load_tfds(cfg.dataset, "test", data_dir=data_dir)
+    else:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose digits, cifar10-folder, cifar10, cifar100")
+    stats = "cifar100" if cfg.dataset == "cifar100" else "cifar10"
+    train_tf, eval_tf = fdata.cifar_transforms(cfg.augment, stats=stats)
+    return train, test, train_tf, eval_tf
+
+
+# ---- optimizer ---------------------------------------------------------------------------------------
+
+
+def make_method(cfg: TrainConfig, loss_fn: Callable, model_state: Any, total_steps: int, seed: int,
+                axis_name: str | None, per_device: bool = False
+                ) -> optax.GradientTransformationExtraArgs | None:
+    """The flatjax method of ``cfg`` (None for plain SGD), with BN statistics as its aux."""
+    if cfg.method == "sgd":
+        return None
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
+    kw = dict(cfg.method_kwargs)
+    if cfg.sigma_increase is not None:
+        kw["sigma"] = flatjax.cosine_increasing(kw.get("sigma", 0.001), cfg.sigma_increase, total_steps)
+    if cfg.method in _SEEDED:
+        kw["seed"] = seed
+    if per_device:
+        if cfg.method not in ("sam", "asam"):
+            raise ValueError(f"--per-device applies to sam and asam, not {cfg.method}")
+        kw["per_device"] = True
+    factory = getattr(flatjax, cfg.method)
+    return factory(loss_fn, **kw, has_aux=True, aux_init=model_state, axis_name=axis_name)
+
+
+def make_optimizer(cfg: TrainConfig, method: Any, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """``skip_nonfinite(chain([method,] add_decayed_weights(wd), sgd(cosine lr, momentum)))``."""
+    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+    base = [optax.add_decayed_weights(cfg.weight_decay), optax.sgd(lr, momentum=cfg.momentum)]
+    return flatjax.skip_nonfinite(optax.chain(*([method] if method is not None else []), *base))
+
+
+def _invariant(x: jax.Array, axis: str) -> jax.Array:
+    """``x`` made identical across ``axis``: the mean (floats) or max (ints) where it varies."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases: aval.vma
+    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+    if axis not in varying:
+        return x
+    return jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else jax.lax.pmax(x, axis)
+
+
+def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, mesh: Any) -> Callable:
+    """A jitted ``step(params, model_state, opt_state, batch, perturbed_batch, key)``.
+
+    Returns ``(params, model_state, opt_state, loss)``. With a mesh, the body runs per device inside
+    ``shard_map`` (batch split over ``"data"``, everything else replicated) and the loss and BN
+    statistics are averaged over devices.
+    """
+    axis = "data" if mesh is not None else None
+
+    def local_step(params, model_state, opt_state, batch, perturbed_batch, key):
+        loss_kwargs = {"model_state": model_state}
+        if cfg.model_kwargs.get("dropout_rate"):
+            loss_kwargs["dropout_key"] = key
+        if method is None:
+            def objective(p):
+                loss, aux = loss_fn(p, batch, **loss_kwargs)
+                if axis is not None:  # the gradient of the global mean (pmean transposes to a psum / n)
+                    loss = jax.lax.pmean(loss, axis)
+                return loss, aux
+            (loss, new_ms), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+        else:
+            updates, opt_state = tx.update(None, opt_state, params, batch=batch,
+                                           perturbed_batch=perturbed_batch, loss_kwargs=loss_kwargs)
+            info = flatjax.step_info(opt_state)
+            loss, new_ms = info.loss, info.aux
+        out = optax.apply_updates(params, updates), new_ms, opt_state, loss
+        if axis is not None:
+            # per-device values (loss, BN statistics, per-device diagnostics) -> their mean over devices
+            out = jax.tree.map(lambda x: _invariant(x, axis), out)
+        return out
+
+    if mesh is None:
+        return jax.jit(local_step)
+    pb = P("data") if cfg.two_batches else P()
+    fn = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(), P("data"), pb, P()),
+                       out_specs=P())
+    return jax.jit(fn)
+
+
+def make_eval(apply: Callable, eval_tf: Callable | None, batch_size: int = 1000) -> Callable:
+    """Returns ``evaluate(params, model_state, dataset) -> (loss, accuracy)`` in eval mode."""
+
+    @jax.jit
+    def run(params, model_state, images, labels):
+        logits, _ = apply(params, model_state, images, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+        return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+
+    def evaluate(params, model_state, dataset: fdata.ArrayDataset) -> tuple[float, float]:
+        total_loss, correct, n = 0.0, 0, len(dataset.label)
+        for i in range(0, n, batch_size):
+            batch = {"image": dataset.image[i:i + batch_size], "label": dataset.label[i:i + batch_size]}
+            if eval_tf is not None:
+                batch = eval_tf(batch, np.random.default_rng(0))
+            loss, ok = run(params, model_state, batch["image"], batch["label"])
+            total_loss += float(loss)
+            correct += int(ok)
+        return total_loss / n, correct / n
+
+    return evaluate
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Orbax checkpoints of the training state ``{params, model_state, opt_state, step}``.
+
+    Optax states are NamedTuples; orbax stores their leaves and ``restore`` rebuilds the exact tree
+    from a freshly initialised template (``StandardRestore(abstract_state)``), so resuming gives the
+    same arrays, dtypes and structure as an uninterrupted run.
+    """
+
+    def __init__(self, directory: Path, max_to_keep: int = 2) -> None:
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict) -> None:
+        self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
+
+    def restore(self, template: dict, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
+        return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def save_params_msgpack(params: Any, path: Path) -> None:
+    """Writes ``params`` with ``flax.serialization.msgpack_serialize`` (NumPy leaves)."""
+    from flax import serialization
+
+    path.write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+
+
+def mlp_params_as_dense(params: dict) -> dict | None:
+    """The NNX ``mlp`` params renamed to Linen's ``{"Dense_i": {kernel, bias}}`` layout (what
+    ``experiments/sharpness_report.py --params`` reads); None for other models."""
+    if set(params) != {"layers", "head"}:
+        return None
+    layers = [params["layers"][k] for k in sorted(params["layers"], key=int)] + [params["head"]]
+    return {f"Dense_{i}": {"kernel": np.asarray(p["kernel"]), "bias": np.asarray(p["bias"])}
+            for i, p in enumerate(layers)}
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Appends one row per epoch to ``metrics.csv``, rewrites ``metrics.json``, and logs to TensorBoard
+    when ``tensorboardX`` is installed."""
+
+    FIELDS = ("epoch", "step", "train_loss", "test_loss", "test_acc", "epoch_seconds", "step_ms",
+              "skipped_steps")
+
+    def __init__(self, run_dir: Path, config: dict, history: list[dict]) -> None:
+        self.run_dir, self.config, self.history = run_dir, config, history
+        try:
+            from tensorboardX import SummaryWriter  # optional
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, row: dict, summary: dict | None = None) -> None:
+        if row:
+            self.history.append(row)
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k not in ("epoch", "step") and v is not None:
+                        self.tb.add_scalar(k, v, row["step"])
+        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, self.FIELDS)
+            w.writeheader()
+            w.writerows(self.history)
+        doc = {"config": self.config, "history": self.history, "summary": summary}
+        (self.run_dir / "metrics.json").write_text(json.dumps(doc, indent=1, default=str))
+
+
+def _load_history(run_dir: Path, step: int) -> list[dict]:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["history"] if r["step"] <= step]
+
+
+# ---- one run -----------------------------------------------------------------------------------------
+
+
+def _batches(it: fdata.BatchIterator, epoch: int, start: int, per_update: int) -> Iterator[tuple]:
+    """Yields ``(batch, perturbed_batch)`` for the updates of ``epoch`` from update index ``start``."""
+    gen = it.epoch(epoch, start_step=start * per_update)
+    while True:
+        try:
+            b0 = next(gen)
+            b1 = next(gen) if per_update == 2 else None
+        except StopIteration:
+            return
+        yield b0, b1
+
+
+def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int | None = None,
+              resume: bool = False, ckpt_every: int = 0, devices: int = 0, data_dir: str | None = None,
+              progress: bool = True, model_kwargs: dict | None = None, per_device: bool = False) -> dict:
+    """Trains ``cfg`` and returns its summary (final train loss, test accuracy, timings).
+
+    Args:
+      cfg: the configuration.
+      run_dir: output folder of this run (created).
+      seed: model initialisation, data order and the methods' noise streams.
+      max_steps: stop after this many updates in total (schedules still span the full config).
+      resume: continue from the latest checkpoint in ``run_dir/ckpt`` if there is one.
+      ckpt_every: also checkpoint every this many updates (0: at the end of every epoch only).
+      devices: number of devices to use data-parallel (0: all visible ones).
+      data_dir: CIFAR folder or TFDS data dir.
+      progress: show a tqdm progress bar.
+      model_kwargs: extra model options (merged over ``cfg.model_kwargs``).
+      per_device: SAM/ASAM over several devices perturb per device (m-sharpness with m = local batch).
+    """
+    from tqdm.auto import tqdm
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train, test, train_tf, eval_tf = load_data(cfg, data_dir, seed)
+    num_classes = len(train.class_names)
+    mkw = {**cfg.model_kwargs, **(model_kwargs or {})}
+    if cfg.model == "mlp":
+        mkw.setdefault("in_features", int(np.prod(train.image.shape[1:])))
+    elif cfg.dataset == "digits":
+        mkw.setdefault("in_channels", 1)
+    model = fmodels.create(cfg.model, num_classes, seed=seed, **mkw)
+    graphdef, params, model_state = fmodels.split_model(model)
+    loss_fn = fmodels.make_loss_fn(graphdef, label_smoothing=cfg.label_smoothing)
+
+    n_dev = devices or jax.device_count()
+    mesh = fdata.data_mesh(jax.devices()[:n_dev]) if n_dev > 1 else None
+    if mesh is not None and cfg.batch_size % n_dev:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {n_dev} devices")
+    per_update = 2 if cfg.two_batches else 1
+    it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2)
+    steps_per_epoch = len(it) // per_update
+    total_steps = cfg.epochs * steps_per_epoch
+    method = make_method(cfg, loss_fn, model_state, total_steps, seed, "data" if mesh else None,
+                         per_device=per_device and mesh is not None)
+    tx = make_optimizer(cfg, method, total_steps)
+    step_fn = make_train_step(cfg, loss_fn, tx, method, mesh)
+    evaluate = make_eval(fmodels.make_apply(graphdef), eval_tf)
+
+    state = {"params": params, "model_state": model_state, "opt_state": tx.init(params),
+             "step": np.int64(0)}
+    ckpt = Checkpointer(run_dir / "ckpt")
+    if resume and ckpt.latest_step() is not None:
+        state = ckpt.restore(state)
+    start = int(state["step"])
+    history = _load_history(run_dir, start) if start else []
+    cfg_dict = {**vars(cfg), "seed": seed, "devices": n_dev, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "max_steps": max_steps}
+    writer = MetricsWriter(run_dir, cfg_dict, history)
+    end = total_steps if max_steps is None else min(max_steps, total_steps)
+    dropout_base = jax.random.key(seed + 1)
+
+    def put(b):
+        return None if b is None else (fdata.shard_batch(b, mesh) if mesh is not None else b)
+
+    if mesh is not None:  # replicate the state up front, so the first step's outputs match its inputs
+        state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+    params, model_state, opt_state = state["params"], state["model_state"], state["opt_state"]
+    step, compile_s, step_times, last_loss = start, 0.0, [], float("nan")
+    bar = tqdm(total=end, initial=start, desc=cfg.name, disable=not progress, leave=False, dynamic_ncols=True)
+    epoch = start // steps_per_epoch
+    while step < end:
+        t_epoch, losses = time.perf_counter(), []
+        for b0, b1 in _batches(it, epoch, step - epoch * steps_per_epoch, per_update):
+            if step >= end:
+                break
+            key = jax.random.fold_in(dropout_base, step)
+            t0 = time.perf_counter()
+            params, model_state, opt_state, loss = step_fn(params, model_state, opt_state, put(b0), put(b1), key)
+            last_loss = float(loss)  # waits for the step
+            dt = time.perf_counter() - t0
+            if compile_s == 0.0:
+                compile_s = dt  # the first call of this process compiles
+            else:
+                step_times.append(dt)
+            losses.append(last_loss)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch, refresh=False)
+            if ckpt_every and step % ckpt_every == 0:
+                ckpt.save(step, {"params": params, "model_state": model_state, "opt_state": opt_state,
+                                 "step": np.int64(step)})
+        epoch_done = step % steps_per_epoch == 0 or step >= end
+        if epoch_done:
+            epoch_seconds = time.perf_counter() - t_epoch  # training only, before the evaluation
+            test_loss, test_acc = evaluate(params, model_state, test)
+            skipped = int(opt_state.total_notfinite)
+            writer.log({"epoch": round(step / steps_per_epoch, 4), "step": step,
+                        "train_loss": float(np.mean(losses)) if losses else None,
+                        "test_loss": test_loss, "test_acc": test_acc,
+                        "epoch_seconds": epoch_seconds,
+                        "step_ms": 1e3 * float(np.mean(step_times)) if step_times else None,
+                        "skipped_steps": skipped})
+            if ckpt.latest_step() != step:
+                ckpt.save(step, {"params": params, "model_state": model_state, "opt_state": opt_state,
+                                 "step": np.int64(step)})
+        epoch += 1
+    bar.close()
+    ckpt.close()
+    save_params_msgpack(params, run_dir / "params.msgpack")
+    dense = mlp_params_as_dense(params)
+    if dense is not None:
+        save_params_msgpack(dense, run_dir / "params_dense.msgpack")
+    hist = writer.history
+    if hist and hist[-1]["step"] == step:
+        test_loss, test_acc = hist[-1]["test_loss"], hist[-1]["test_acc"]
+    else:
+        test_loss, test_acc = evaluate(params, model_state, test)
+    step_ms = 1e3 * float(np.mean(step_times)) if step_times else float("nan")
+    # wall time of a full epoch (data + steps, no evaluation); the median skips the compiling epoch
+    full = [r["epoch_seconds"] for r in hist if r["step"] % steps_per_epoch == 0]
+    epoch_seconds = float(np.median(full)) if full else step_ms * steps_per_epoch / 1e3
+    summary = {"config": cfg.name, "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
+               "steps": step, "epochs": step / steps_per_epoch,
+               "train_loss": next((r["train_loss"] for r in reversed(hist) if r["train_loss"] is not None),
+                                  last_loss),
+               "test_loss": test_loss, "test_acc": test_acc, "step_ms": step_ms,
+               "epoch_seconds": epoch_seconds, "compile_seconds": compile_s,
+               "skipped_steps": int(opt_state.total_notfinite)}
+    writer.log({}, summary)
+    summary["params"] = params
+    return summary
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "-"  # e.g. no step time after a 1-step run
+
+
+def results_table(results: Sequence[dict], title: str = "") -> str:
+    """The Markdown results table (step time relative to the SGD run when there is one)."""
+    sgd = next((r["step_ms"] for r in results if r["method"] == "sgd"), None)
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| config | method | steps | train loss | test loss | test acc | s / epoch | ms / step | "
+              "step / SGD |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = f"{r['step_ms'] / sgd:.2f}" if sgd and math.isfinite(r["step_ms"] / sgd) else "-"
+        lines.append(f"| {r['config']} | {r['method']} | {r['steps']} | {r['train_loss']:.4f} | "
+                     f"{r['test_loss']:.4f} | {r['test_acc']:.4f} | {_num(r['epoch_seconds'])} | "
+                     f"{_num(r['step_ms'])} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", help="config name (repeatable); see --list-configs")
+    p.add_argument("--list-configs", action="store_true", help="print the configs and exit")
+    p.add_argument("--method", nargs="+", choices=METHODS, help="method(s); with --config: overrides it")
+    p.add_argument("--model", help="model name (flatjax.models.available())")
+    p.add_argument("--dataset", choices=("digits", "cifar10-folder", "cifar10", "cifar100"))
+    p.add_argument("--data-dir", help=f"CIFAR-10 image folder (or ${fdata.CIFAR10_ENV_VAR}) / TFDS data dir")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--steps", type=int, help="stop after this many updates (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default runs/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints under --out")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N updates (0: every epoch)")
+    p.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0: all)")
+    p.add_argument("--per-device", action="store_true",
+                   help="SAM/ASAM with several devices: per-device perturbation (google-research/sam) "
+                        "instead of the global one")
+    p.add_argument("--hidden", type=int, nargs="*", help="MLP hidden widths (model option)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _method_fields(cfg: TrainConfig) -> dict:
+    return {"method_kwargs": cfg.method_kwargs, "sigma_increase": cfg.sigma_increase,
+            "two_batches": cfg.two_batches}
+
+
+def resolve_configs(args: argparse.Namespace) -> list[TrainConfig]:
+    """The configs to run: named ones, or one per ``--method`` (default: the digits sweep)."""
+    if args.config:
+        cfgs = [get_config(n) for n in args.config]
+        if args.method:
+            if len(args.method) != 1:
+                raise SystemExit("with --config give at most one --method")
+            # the method's own hyper-parameters: its paper config for this dataset/model when there is
+            # one, else its digits defaults (a sam config's rho must not reach rwp)
+            m = args.method[0]
+            cfgs = [c.replace(method=m, name=f"{c.name}+{m}", **_method_fields(
+                CONFIGS.get(c.name.rsplit("_", 1)[0] + f"_{m}", CONFIGS[f"digits_mlp_{m}"]))) for c in cfgs]
+    else:
+        cfgs = [default_config(m, args.dataset or "digits") for m in (args.method or DEFAULT_SWEEP)]
+    return [c.replace(model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr) for c in cfgs]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Runs the CLI; returns the summaries of the runs (each with its final ``params``)."""
+    args = build_parser().parse_args(argv)
+    if args.list_configs:
+        for name, c in sorted(CONFIGS.items()):
+            print(f"{name:28s} {c.dataset:9s} {c.model:9s} {c.method:6s} {c.method_kwargs} "
+                  f"epochs={c.epochs} bs={c.batch_size} lr={c.lr} wd={c.weight_decay}  # {c.source}")
+        return []
+    try:
+        cfgs = resolve_configs(args)
+    except KeyError as e:
+        raise SystemExit(f"error: {e.args[0]}") from None
+    out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
+    mkw = {"hidden": tuple(args.hidden)} if args.hidden is not None else None
+    results = []
+    for cfg in cfgs:
+        results.append(train_one(cfg, out / cfg.name, seed=args.seed, max_steps=args.steps, resume=args.resume,
+                                 ckpt_every=args.ckpt_every, devices=args.devices, data_dir=args.data_dir,
+                                 progress=not args.no_progress, model_kwargs=mkw, per_device=args.per_device))
+    title = (f"{', '.join(sorted({c.dataset for c in cfgs}))} / {', '.join(sorted({c.model for c in cfgs}))}, "
+             f"jax {jax.__version__} on {jax.default_backend()} x{args.devices or jax.device_count()}")
+    table = results_table(results, title)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "params"}
+                                                  for r in results], indent=1))
+    print(table)
+    print(f"wrote {out}/", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
