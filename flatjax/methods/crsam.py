@@ -33,6 +33,19 @@ from flatjax.core.validate import check_choice, check_range
 FORMS = ("code", "log")
 
 
+def combine(grad_plus: PyTree, grad_minus: PyTree, grad: PyTree, wc: jax.Array, ws: jax.Array) -> PyTree:
+    """CR-SAM's direction ``∇L+ + wc (∇L+ + ∇L− − 2g) + ws (∇L+ − ∇L−)`` (float32 accumulation).
+
+    ``wc, ws`` are α, β in the code form and α/c, β/s (clamped) in the log form.
+    """
+
+    def leaf(p, m, g0):
+        p32, m32, g32 = p.astype(jnp.float32), m.astype(jnp.float32), g0.astype(jnp.float32)
+        return (p32 + wc * (p32 + m32 - 2.0 * g32) + ws * (p32 - m32)).astype(p.dtype)
+
+    return jax.tree.map(leaf, grad_plus, grad_minus, grad)
+
+
 def crsam(
     loss_fn: Callable[..., Any],
     rho: ScalarOrSchedule = 0.1,
@@ -82,11 +95,7 @@ def crsam(
             wc = jnp.where(c > log_floor, a / jnp.maximum(c, log_floor), 0.0)
             ws = jnp.where(s > log_floor, b / jnp.maximum(s, log_floor), 0.0)
 
-        def combine(p, m, g0):
-            p32, m32, g32 = p.astype(jnp.float32), m.astype(jnp.float32), g0.astype(jnp.float32)
-            return (p32 + wc * (p32 + m32 - 2.0 * g32) + ws * (p32 - m32)).astype(p.dtype)
-
-        d = jax.tree.map(combine, gp, gm, g)
+        d = combine(gp, gm, g, wc, ws)
         grad_norm = global_norm(g)
         safe_r2 = jnp.maximum(r * r, 1e-30)
         diagnostics = {

@@ -101,6 +101,7 @@ from flatjax.core.schedule import ScalarOrSchedule, value_at
 from flatjax.core.transform import NAN, FlatState, StepInfo, _check_aux, _raw_key
 from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, global_norm
 from flatjax.core.validate import check_callable, check_choice, check_positive_int, check_range
+from flatjax.methods.crsam import combine as crsam_combine
 
 INNERS = ("sam", "asam", "crsam")
 HYPERGRADIENTS = ("fd", "fd_forward", "exact", "exact_total", "diag")
@@ -189,19 +190,10 @@ def _inner_rule(inner: str, eta, mask, crsam_alpha, crsam_beta) -> _Inner:
             weights=lambda h: (1.0,),
         )
 
-    def combine(grads, g, h):  # CR-SAM's code form, evaluated as flatjax.crsam does
-        a, b = h["crsam_alpha"], h["crsam_beta"]
-
-        def leaf(p, m, g0):
-            p32, m32, g32 = p.astype(jnp.float32), m.astype(jnp.float32), g0.astype(jnp.float32)
-            return (p32 + a * (p32 + m32 - 2.0 * g32) + b * (p32 - m32)).astype(p.dtype)
-
-        return jax.tree.map(leaf, grads[0], grads[1], g)
-
-    return _Inner(
+    return _Inner(  # CR-SAM's code form, combined exactly as flatjax.crsam does
         signs=(1.0, -1.0),
         ascent=lambda g, w, rho, h: perturb.normalized_ascent(g, rho),
-        combine=combine,
+        combine=lambda grads, g, h: crsam_combine(grads[0], grads[1], g, h["crsam_alpha"], h["crsam_beta"]),
         weights=lambda h: (1.0 + h["crsam_alpha"] + h["crsam_beta"], h["crsam_alpha"] - h["crsam_beta"]),
     )
 
