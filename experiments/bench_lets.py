@@ -16,11 +16,9 @@ Expected gradient passes per step (SAM: 2): LETS clean 1 + perturbed 1 + upper 2
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
-from experiments.bench_step import machine_description, make_problem  # sets XLA_FLAGS before jax
+from experiments.bench_step import machine_description, make_problem, time_interleaved  # sets XLA_FLAGS before jax
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -64,17 +62,7 @@ def bench(rounds: int, steps_per_round: int):
         state = tx.init(params)
         params, state = jax.block_until_ready(step(params, state, batch, val_batch))  # compile + warm up
         runners[name] = [step, params, state]
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            step, params, state = runner
-            t0 = time.perf_counter()
-            for _ in range(steps_per_round):
-                params, state = step(params, state, batch, val_batch)
-            jax.block_until_ready(params)
-            times[name].append((time.perf_counter() - t0) / steps_per_round)
-            runner[1], runner[2] = params, state
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return time_interleaved(runners, rounds, steps_per_round, batch, val_batch)
 
 
 def main(argv=None):

@@ -128,13 +128,21 @@ def bench_model(model_name: str, rounds: int, steps_per_round: int):
         state = tx.init(params)
         params, state = jax.block_until_ready(step(params, state, batch))  # compile + warm up
         runners[name] = [step, params, state]
+    return time_interleaved(runners, rounds, steps_per_round, batch)
+
+
+def time_interleaved(runners: dict, rounds: int, steps_per_round: int, *step_args) -> dict:
+    """Median ms per step of each ``runners[name] = [step, params, state]``, timed in interleaved rounds.
+
+    Every step runs once per round, so machine load affects all alike; ``step(params, state, *step_args)``.
+    """
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
             step, params, state = runner
             t0 = time.perf_counter()
             for _ in range(steps_per_round):
-                params, state = step(params, state, batch)
+                params, state = step(params, state, *step_args)
             jax.block_until_ready(params)
             times[name].append((time.perf_counter() - t0) / steps_per_round)
             runner[1], runner[2] = params, state
