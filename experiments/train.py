@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 import flatjax
 from experiments.configs import CONFIGS, METHODS, TrainConfig, default_config, get_config
 from flatjax import data as fdata
+from flatjax.core.evaluate import invariant
 from flatjax import models as fmodels
 
 #: The no-argument sweep (all methods; each ~10 s on 2 CPU cores).
@@ -80,7 +81,7 @@ def load_data(cfg: TrainConfig, data_dir: str | None, seed: int
 
 
 def make_method(cfg: TrainConfig, loss_fn: Callable, model_state: Any, total_steps: int, seed: int,
-                axis_name: str | None, per_device: bool = False
+                axis_name: str | None, per_device: bool = False, strategy: Any = "auto"
                 ) -> optax.GradientTransformationExtraArgs | None:
     """The flatjax method of ``cfg`` (None for plain SGD), with BN statistics as its aux."""
     if cfg.method == "sgd":
@@ -96,6 +97,8 @@ def make_method(cfg: TrainConfig, loss_fn: Callable, model_state: Any, total_ste
         if cfg.method not in ("sam", "asam"):
             raise ValueError(f"--per-device applies to sam and asam, not {cfg.method}")
         kw["per_device"] = True
+    if strategy != "auto":
+        kw["strategy"] = strategy
     factory = getattr(flatjax, cfg.method)
     return factory(loss_fn, **kw, has_aux=True, aux_init=model_state, axis_name=axis_name)
 
@@ -107,14 +110,11 @@ def make_optimizer(cfg: TrainConfig, method: Any, total_steps: int) -> optax.Gra
     return flatjax.skip_nonfinite(optax.chain(*([method] if method is not None else []), *base))
 
 
-def _invariant(x: jax.Array, axis: str) -> jax.Array:
-    """``x`` made identical across ``axis``: the mean (floats) or max (ints) where it varies."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases: aval.vma
-    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
-    if axis not in varying:
-        return x
-    return jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else jax.lax.pmax(x, axis)
+def make_probe_mesh(probe_devices: int, n_devices: int) -> jax.sharding.Mesh:
+    """A ``(probe, data)`` mesh over the first ``n_devices`` devices: ``probe_devices`` groups."""
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((probe_devices, n_devices // probe_devices), ("probe", "data"), axis_types=(auto, auto),
+                         devices=jax.devices()[:n_devices])
 
 
 def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, mesh: Any) -> Callable:
@@ -146,7 +146,7 @@ def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, m
         out = optax.apply_updates(params, updates), new_ms, opt_state, loss
         if axis is not None:
             # per-device values (loss, BN statistics, per-device diagnostics) -> their mean over devices
-            out = jax.tree.map(lambda x: _invariant(x, axis), out)
+            out = jax.tree.map(lambda x: invariant(x, axis), out)
         return out
 
     if mesh is None:
@@ -289,7 +289,8 @@ def _batches(it: fdata.BatchIterator, epoch: int, start: int, per_update: int) -
 
 def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int | None = None,
               resume: bool = False, ckpt_every: int = 0, devices: int = 0, data_dir: str | None = None,
-              progress: bool = True, model_kwargs: dict | None = None, per_device: bool = False) -> dict:
+              progress: bool = True, model_kwargs: dict | None = None, per_device: bool = False,
+              data: tuple | None = None, eval_every: int = 1, probe_devices: int = 1) -> dict:
     """Trains ``cfg`` and returns its summary (final train loss, test accuracy, timings).
 
     Args:
@@ -304,11 +305,20 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
       progress: show a tqdm progress bar.
       model_kwargs: extra model options (merged over ``cfg.model_kwargs``).
       per_device: SAM/ASAM over several devices perturb per device (m-sharpness with m = local batch).
+      data: ``(train, test, train_transform, eval_transform)`` already loaded (e.g. a subset); default
+        :func:`load_data` of ``cfg``.
+      eval_every: evaluate on the test set every this many epochs (and always after the last update).
+      probe_devices: split the devices into this many groups that evaluate the method's independent
+        passes in parallel (m-(A)RWP's two gradients, NSO's ±U pairs, CR-SAM's three points), each group
+        data-parallel inside: a ``(probe, data)`` mesh and ``flatjax.ShardMapProbes(mesh, "probe",
+        data_axis="data")``. 1 (default): plain data parallelism over all devices.
     """
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1 epoch, got {eval_every}")
     from tqdm.auto import tqdm
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    train, test, train_tf, eval_tf = load_data(cfg, data_dir, seed)
+    train, test, train_tf, eval_tf = data if data is not None else load_data(cfg, data_dir, seed)
     num_classes = len(train.class_names)
     mkw = {**cfg.model_kwargs, **(model_kwargs or {})}
     if cfg.model == "mlp":
@@ -320,18 +330,29 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     loss_fn = fmodels.make_loss_fn(graphdef, label_smoothing=cfg.label_smoothing)
 
     n_dev = devices or jax.device_count()
-    mesh = fdata.data_mesh(jax.devices()[:n_dev]) if n_dev > 1 else None
-    if mesh is not None and cfg.batch_size % n_dev:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {n_dev} devices")
+    mesh, probe_mesh, strategy = None, None, "auto"
+    if probe_devices > 1:
+        if cfg.method == "sgd" or n_dev % probe_devices:
+            raise ValueError(f"probe_devices={probe_devices} needs a flatjax method (not sgd) and must divide "
+                             f"the {n_dev} devices")
+        probe_mesh = make_probe_mesh(probe_devices, n_dev)
+        strategy = flatjax.ShardMapProbes(probe_mesh, "probe", data_axis="data")
+    elif n_dev > 1:
+        mesh = fdata.data_mesh(jax.devices()[:n_dev])
+    data_parallel = n_dev // max(probe_devices, 1)
+    if cfg.batch_size % data_parallel:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {data_parallel} data-parallel "
+                         "devices")
     per_update = 2 if cfg.two_batches else 1
     it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2)
     steps_per_epoch = len(it) // per_update
     total_steps = cfg.epochs * steps_per_epoch
     method = make_method(cfg, loss_fn, model_state, total_steps, seed, "data" if mesh else None,
-                         per_device=per_device and mesh is not None)
+                         per_device=per_device and mesh is not None, strategy=strategy)
     tx = make_optimizer(cfg, method, total_steps)
     step_fn = make_train_step(cfg, loss_fn, tx, method, mesh)
-    evaluate = make_eval(fmodels.make_apply(graphdef), eval_tf)
+    # eval batches of the training size: memory-safe everywhere, and on CPU small batches are faster
+    evaluate = make_eval(fmodels.make_apply(graphdef), eval_tf, batch_size=cfg.batch_size)
 
     state = {"params": params, "model_state": model_state, "opt_state": tx.init(params),
              "step": np.int64(0)}
@@ -340,17 +361,20 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
         state = ckpt.restore(state)
     start = int(state["step"])
     history = _load_history(run_dir, start) if start else []
-    cfg_dict = {**vars(cfg), "seed": seed, "devices": n_dev, "steps_per_epoch": steps_per_epoch,
+    cfg_dict = {**vars(cfg), "seed": seed, "devices": n_dev, "probe_devices": probe_devices,
+                "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "max_steps": max_steps}
     writer = MetricsWriter(run_dir, cfg_dict, history)
     end = total_steps if max_steps is None else min(max_steps, total_steps)
     dropout_base = jax.random.key(seed + 1)
 
-    def put(b):
-        return None if b is None else (fdata.shard_batch(b, mesh) if mesh is not None else b)
+    placed = mesh if mesh is not None else probe_mesh
 
-    if mesh is not None:  # replicate the state up front, so the first step's outputs match its inputs
-        state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+    def put(b):
+        return None if b is None else (fdata.shard_batch(b, placed) if placed is not None else b)
+
+    if placed is not None:  # replicate the state up front, so the first step's outputs match its inputs
+        state = jax.device_put(state, jax.sharding.NamedSharding(placed, P()))
     params, model_state, opt_state = state["params"], state["model_state"], state["opt_state"]
     step, compile_s, step_times, last_loss = start, 0.0, [], float("nan")
     bar = tqdm(total=end, initial=start, desc=cfg.name, disable=not progress, leave=False, dynamic_ncols=True)
@@ -379,7 +403,8 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
         epoch_done = step % steps_per_epoch == 0 or step >= end
         if epoch_done:
             epoch_seconds = time.perf_counter() - t_epoch  # training only, before the evaluation
-            test_loss, test_acc = evaluate(params, model_state, test)
+            test_loss, test_acc = (evaluate(params, model_state, test)
+                                   if (epoch + 1) % eval_every == 0 or step >= end else (None, None))
             skipped = int(opt_state.total_notfinite)
             writer.log({"epoch": round(step / steps_per_epoch, 4), "step": step,
                         "train_loss": float(np.mean(losses)) if losses else None,
@@ -414,7 +439,7 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                "epoch_seconds": epoch_seconds, "compile_seconds": compile_s,
                "skipped_steps": int(opt_state.total_notfinite)}
     writer.log({}, summary)
-    summary["params"] = params
+    summary["params"], summary["model_state"] = params, model_state
     return summary
 
 
@@ -455,8 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default runs/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints under --out")
+    p.add_argument("--eval-every", type=int, default=1, help="test-set evaluation every N epochs (and at the end)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N updates (0: every epoch)")
     p.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0: all)")
+    p.add_argument("--probe-devices", type=int, default=1,
+                   help="device groups evaluating the method's independent passes in parallel, each group "
+                        "data-parallel (e.g. 2 for m-ARWP's clean and perturbed gradients); 1: data parallel")
     p.add_argument("--per-device", action="store_true",
                    help="SAM/ASAM with several devices: per-device perturbation (google-research/sam) "
                         "instead of the global one")
@@ -489,7 +518,7 @@ def resolve_configs(args: argparse.Namespace) -> list[TrainConfig]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Runs the CLI; returns the summaries of the runs (each with its final ``params``)."""
+    """Runs the CLI; returns the summaries of the runs (each with its final ``params`` and ``model_state``)."""
     args = build_parser().parse_args(argv)
     if args.list_configs:
         for name, c in sorted(CONFIGS.items()):
@@ -507,12 +536,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for cfg in cfgs:
         results.append(train_one(cfg, out / cfg.name, seed=args.seed, max_steps=args.steps, resume=args.resume,
                                  ckpt_every=args.ckpt_every, devices=args.devices, data_dir=args.data_dir,
-                                 progress=not args.no_progress, model_kwargs=mkw, per_device=args.per_device))
+                                 progress=not args.no_progress, model_kwargs=mkw, per_device=args.per_device,
+                                 eval_every=args.eval_every, probe_devices=args.probe_devices))
     title = (f"{', '.join(sorted({c.dataset for c in cfgs}))} / {', '.join(sorted({c.model for c in cfgs}))}, "
              f"jax {jax.__version__} on {jax.default_backend()} x{args.devices or jax.device_count()}")
     table = results_table(results, title)
     (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "params"}
+    (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k not in ("params", "model_state")}
                                                   for r in results], indent=1))
     print(table)
     print(f"wrote {out}/", file=sys.stderr)

@@ -57,6 +57,53 @@ def test_strategies_and_jit_give_the_same_update(name):
         assert_tree_close(direction(make(strategy), params, b0, **kw), reference, rtol=1e-5, atol=1e-6)
 
 
+def probe_data_mesh(explicit=False):
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh((2, 2), ("probe", "data"), axis_types=(kind, kind), devices=jax.devices()[:4])
+
+
+def mlp_loss_with_aux(params, batch):
+    """mlp_loss plus aux: a float batch statistic (averaged over data shards) and an int (max)."""
+    return mlp_loss(params, batch), {"x_mean": batch["x"].mean(0), "n": jnp.int32(3)}
+
+
+@needs(4)
+@pytest.mark.parametrize("name", ["marwp-two-batches", "nso-k1", "crsam-code", "sam-m4"])
+def test_probe_groups_split_the_batch_over_a_data_axis(name):
+    """(probe x data) mesh: each probe group is data-parallel inside; same update as one device."""
+    make, two_batches = CASES[name]
+    params, b0, b1 = mlp_params(), make_batch(seed=1, n=16), make_batch(seed=2, n=16)
+    kw = {"perturbed_batch": b1} if two_batches else {}
+    reference = direction(make("sequential"), params, b0, jit=False, **kw)
+    for explicit in (False, True):
+        strategy = flatjax.ShardMapProbes(probe_data_mesh(explicit), "probe", data_axis="data")
+        assert_tree_close(direction(make(strategy), params, b0, **kw), reference, rtol=1e-4, atol=1e-6)
+
+
+@needs(4)
+def test_probe_groups_with_a_data_axis_average_the_aux():
+    params, b0, b1 = mlp_params(), make_batch(seed=1, n=16), make_batch(seed=2, n=16)
+    strategy = flatjax.ShardMapProbes(probe_data_mesh(), "probe", data_axis="data")
+    aux0 = {"x_mean": jnp.zeros(5), "n": jnp.int32(0)}
+    outs = []
+    for s in ("sequential", strategy):
+        tx = flatjax.marwp(mlp_loss_with_aux, 0.05, 0.5, seed=2, strategy=s, has_aux=True, aux_init=aux0)
+        fn = jax.jit(lambda p, st: tx.update(None, st, p, batch=b0, perturbed_batch=b1))
+        _, state = fn(params, tx.init(params))
+        outs.append(flatjax.step_info(state))
+    assert_tree_close(outs[1].aux, outs[0].aux, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[1].loss, outs[0].loss, rtol=1e-5)
+    assert int(outs[1].aux["n"]) == 3
+
+
+def test_shard_map_probes_rejects_a_bad_data_axis():
+    mesh = jax.make_mesh((1,), ("probe",), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="strategy.data_axis"):
+        flatjax.ShardMapProbes(mesh, "probe", data_axis="data")
+    with pytest.raises(ValueError, match="strategy.data_axis"):
+        flatjax.ShardMapProbes(mesh, "probe", data_axis="probe")
+
+
 @needs(4)
 def test_shard_map_with_more_probes_than_devices():
     params, batch = mlp_params(), make_batch(n=16)

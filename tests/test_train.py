@@ -80,6 +80,20 @@ def test_data_parallel_sam_matches_one_device(tmp_path, sweep):
     assert not all(np.array_equal(x, y) for x, y in zip(_params(two[0]), _params(local[0])))
 
 
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices")
+def test_marwp_passes_on_separate_device_groups_match_one_device(tmp_path, sweep):
+    """--probe-devices 2 on 4 devices: a (probe 2 x data 2) mesh; same parameters as one device."""
+    groups = train.main(["--method", "marwp", "--steps", "2", "--out", str(tmp_path), *TINY[:-1], "4",
+                         "--probe-devices", "2"])
+    for x, y in zip(_params(sweep[1]["marwp"]), _params(groups[0]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    doc = json.loads((tmp_path / "digits_mlp_marwp" / "metrics.json").read_text())
+    assert doc["config"]["probe_devices"] == 2 and doc["config"]["devices"] == 4
+    with pytest.raises(ValueError, match="probe_devices=3"):
+        train.main(["--method", "marwp", "--steps", "1", "--out", str(tmp_path / "x"), *TINY[:-1], "4",
+                    "--probe-devices", "3"])
+
+
 def test_unknown_config_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown config 'cifar10_resnet18_nope'.*known configs"):
         train.main(["--config", "cifar10_resnet18_nope", "--out", str(tmp_path)])

@@ -7,7 +7,9 @@ The strategy changes speed and memory, never the result (tests check equality wi
   net's vmapped gradient becomes a grouped convolution that can cost several single passes (measured in
   ``experiments/results/bench_step.md``).
 * :class:`ShardMapProbes` — ``jax.shard_map`` over one mesh axis: each device group evaluates its share of
-  the probes (m-ARWP's clean and perturbed passes on different devices: SGD-like critical path).
+  the probes (m-ARWP's clean and perturbed passes on different devices: SGD-like critical path). With
+  ``data_axis``, each group also splits the batch over that second mesh axis (data parallel within
+  the group), so a (probe x data) mesh uses every device.
 
 Inside a user's own ``shard_map`` for data parallelism, pass ``axis_name``: parameters are made
 device-varying before differentiation (otherwise the gradient of a replicated parameter comes back
@@ -34,10 +36,19 @@ class ShardMapProbes:
 
     The number of probes must be a multiple of ``mesh.shape[axis]``; each device group evaluates
     ``n_probes / axis_size`` of them (vectorized with vmap when more than one).
+
+    Attributes:
+      mesh: the device mesh.
+      axis: mesh axis the probes are split over.
+      data_axis: optional second mesh axis: inside each group the batch is split along its leading
+        dimension over it, and losses, gradients and aux are averaged over it (floating aux by mean,
+        integer aux by max) — the same result as the whole batch on one device. The batch size must be
+        divisible by ``mesh.shape[data_axis]``. Do not combine with the method's own ``axis_name``.
     """
 
     mesh: Mesh
     axis: str = "probe"
+    data_axis: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.mesh, Mesh):
@@ -45,6 +56,12 @@ class ShardMapProbes:
         if self.axis not in self.mesh.axis_names:
             raise ValueError(
                 f"strategy.axis must be one of the mesh axes {self.mesh.axis_names}, got {self.axis!r}"
+            )
+        if self.data_axis is not None and (self.data_axis not in self.mesh.axis_names
+                                           or self.data_axis == self.axis):
+            raise ValueError(
+                f"strategy.data_axis must be None or a mesh axis other than {self.axis!r} "
+                f"(mesh axes {self.mesh.axis_names}), got {self.data_axis!r}"
             )
 
     @property
@@ -95,6 +112,13 @@ def to_varying(tree: PyTree, axis_name: str) -> PyTree:
         return jax.lax.pcast(x, axis_name, to="varying")
 
     return jax.tree.map(cast, tree)
+
+
+def invariant(x: jax.Array, axis: str) -> jax.Array:
+    """``x`` made identical across ``axis``: the mean (floats) or max (ints) where it varies."""
+    if axis not in _varying_axes(x):
+        return x
+    return jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else jax.lax.pmax(x, axis)
 
 
 def _is_explicit(mesh: Mesh) -> bool:
@@ -180,25 +204,25 @@ class Evaluator:
                 f"ShardMapProbes: {n} probes cannot be split evenly over mesh axis "
                 f"{strategy.axis!r} of size {strategy.size}"
             )
-        axis = strategy.axis
-        sharded, replicated = PartitionSpec(axis), PartitionSpec()
+        axis, data_axis = strategy.axis, strategy.data_axis
+        replicated = PartitionSpec()
+        p_spec = replicated if shared_params else PartitionSpec(axis)
+        b_spec = PartitionSpec(data_axis) if shared_batch else PartitionSpec(axis, data_axis)
         if not shared_params:
-            p_in = _place(p_in, strategy.mesh, sharded)
-        if not shared_batch:
-            b_in = _place(b_in, strategy.mesh, sharded)
+            p_in = _place(p_in, strategy.mesh, p_spec)
+        if not shared_batch or data_axis is not None:
+            b_in = _place(b_in, strategy.mesh, b_spec)
 
         def body(p, b):
             if shared_params:
                 # Replicated parameters must be made device-varying, or their gradient comes back summed.
                 p = to_varying(p, axis)
-            return run_local(p, b)
+            if data_axis is None:
+                return run_local(p, b)
+            out = run_local(to_varying(p, data_axis), b)
+            return jax.tree.map(lambda x: invariant(x, data_axis), out)  # the whole batch's mean
 
-        fn = jax.shard_map(
-            body,
-            mesh=strategy.mesh,
-            in_specs=(replicated if shared_params else sharded, replicated if shared_batch else sharded),
-            out_specs=sharded,
-        )
+        fn = jax.shard_map(body, mesh=strategy.mesh, in_specs=(p_spec, b_spec), out_specs=PartitionSpec(axis))
         out = Probes(*fn(p_in, b_in))
         if _is_explicit(strategy.mesh):  # combine rules index the probe axis: gather it back
             out = _place(out, strategy.mesh, replicated)
