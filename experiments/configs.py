@@ -10,7 +10,8 @@ Conventions shared by every config:
 
 * base optimizer ``optax.chain(add_decayed_weights(weight_decay), sgd(lr_t, momentum))``
   — coupled L2 weight decay on all leaves, as torch's ``SGD(weight_decay=...)``;
-* ``lr_t`` cosine from ``lr`` to 0 over all updates (per step);
+* ``lr_t`` cosine from ``lr`` to 0 over all updates (per step; per epoch where ``lr_per_epoch``, as
+  the official m-RWP/m-ARWP code);
 * ``epochs`` counts passes over the training data; a method with ``two_batches``
   (m-RWP/m-ARWP as in the official code) consumes two batches per update, so its
   configs double the epochs to keep the number of updates of the nominal run.
@@ -41,6 +42,7 @@ class TrainConfig:
       epochs, batch_size, lr, momentum, weight_decay: base optimizer settings.
       augment: ``cifar_transforms`` augmentation (CIFAR only).
       label_smoothing: label smoothing of the cross-entropy.
+      lr_per_epoch: the cosine learning rate changes once per epoch instead of every update.
       model_kwargs: extra :func:`flatjax.models.create` options.
       source: where the hyper-parameters come from.
     """
@@ -59,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     augment: str = "basic"
     label_smoothing: float = 0.0
+    lr_per_epoch: bool = False
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: str = ""
 
@@ -98,8 +101,8 @@ for _data in ("cifar10", "cifar100"):
                          {"sigma": 0.001, "eta": 0.1, "beta": 0.99}, sigma_increase=10.0,
                          source="RWP paper, official run_rwp.sh / train_rwp_cos.py", **_RWP_BASE))
         # m-RWP/m-ARWP: constant sigma 0.015, lambda 0.5, two consecutive batches, epochs doubled
-        # (official train_marwp.py: args.epochs *= 2). The official lr cosine is epoch-wise; ours per step.
-        _mbase = {**_RWP_BASE, "epochs": 400}
+        # (official train_marwp.py: args.epochs *= 2), with the official epoch-wise cosine learning rate.
+        _mbase = {**_RWP_BASE, "epochs": 400, "lr_per_epoch": True}
         _add(TrainConfig(f"{_data}_{_tag}_mrwp", _data, _model, "mrwp", {"sigma": 0.015, "lam": 0.5},
                          two_batches=True, source="RWP paper, official run_mrwp.sh (eta=0)", **_mbase))
         _add(TrainConfig(f"{_data}_{_tag}_marwp", _data, _model, "marwp",

@@ -6,6 +6,7 @@
     python -m experiments.train --method sam --steps 2 --out runs/smoke
     python -m experiments.train --config digits_mlp_sam --steps 100 --out runs/a    # then, later:
     python -m experiments.train --config digits_mlp_sam --out runs/a --resume       # continues exactly
+    python -m experiments.train --config cifar10_resnet18_marwp --dataset cifar10 --probe-devices 2
 
 Every run writes under ``--out`` (default ``runs/<timestamp>``), in ``<out>/<config name>/``:
 ``metrics.csv`` / ``metrics.json`` (one row per epoch, plus the final summary), ``params.msgpack``
@@ -18,7 +19,10 @@ The update is one jitted step ``skip_nonfinite(chain(method, add_decayed_weights
 (coupled weight decay, as the papers' torch SGD); BatchNorm statistics travel as the method's ``aux``
 (``has_aux=True``, ``aux_init=model_state``). With more than one device (``--devices``, default all), the
 step runs inside ``jax.shard_map`` over a ``"data"`` mesh axis and the methods get ``axis_name="data"``
-(their global, data-parallel mode: one perturbation from the global gradient).
+(their global, data-parallel mode: one perturbation from the global gradient). ``--probe-devices P``
+instead builds a ``(probe P, data n/P)`` mesh: the method's independent passes (m-ARWP's two gradients)
+run on P device groups at once via ``flatjax.ShardMapProbes(mesh, "probe", data_axis="data")``, each
+group data-parallel; the update is the same.
 """
 
 from __future__ import annotations
@@ -103,9 +107,19 @@ def make_method(cfg: TrainConfig, loss_fn: Callable, model_state: Any, total_ste
     return factory(loss_fn, **kw, has_aux=True, aux_init=model_state, axis_name=axis_name)
 
 
-def make_optimizer(cfg: TrainConfig, method: Any, total_steps: int) -> optax.GradientTransformationExtraArgs:
+def lr_schedule(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    """Cosine from ``cfg.lr`` to 0: per update, or per epoch (``cfg.lr_per_epoch``, torch's
+    ``CosineAnnealingLR(T_max=epochs)`` stepped once an epoch, as the official m-ARWP code)."""
+    if not cfg.lr_per_epoch:
+        return optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+    per_epoch = optax.cosine_decay_schedule(cfg.lr, max(total_steps // steps_per_epoch, 1))
+    return lambda count: per_epoch(count // steps_per_epoch)
+
+
+def make_optimizer(cfg: TrainConfig, method: Any, total_steps: int, steps_per_epoch: int = 1
+                   ) -> optax.GradientTransformationExtraArgs:
     """``skip_nonfinite(chain([method,] add_decayed_weights(wd), sgd(cosine lr, momentum)))``."""
-    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+    lr = lr_schedule(cfg, total_steps, steps_per_epoch)
     base = [optax.add_decayed_weights(cfg.weight_decay), optax.sgd(lr, momentum=cfg.momentum)]
     return flatjax.skip_nonfinite(optax.chain(*([method] if method is not None else []), *base))
 
@@ -117,12 +131,14 @@ def make_probe_mesh(probe_devices: int, n_devices: int) -> jax.sharding.Mesh:
                          devices=jax.devices()[:n_devices])
 
 
-def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, mesh: Any) -> Callable:
+def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, mesh: Any,
+                    replicate_on: Any = None) -> Callable:
     """A jitted ``step(params, model_state, opt_state, batch, perturbed_batch, key)``.
 
     Returns ``(params, model_state, opt_state, loss)``. With a mesh, the body runs per device inside
     ``shard_map`` (batch split over ``"data"``, everything else replicated) and the loss and BN
-    statistics are averaged over devices.
+    statistics are averaged over devices. With ``replicate_on`` (the ``--probe-devices`` mesh), a plain
+    jit whose outputs stay replicated on that mesh; the method's ``ShardMapProbes`` does the splitting.
     """
     axis = "data" if mesh is not None else None
 
@@ -150,7 +166,11 @@ def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, m
         return out
 
     if mesh is None:
-        return jax.jit(local_step)
+        if replicate_on is None:
+            return jax.jit(local_step)
+        # keep the state replicated on the probe mesh: otherwise the compiler may pick other output
+        # shardings, and step 2 (whose inputs are step 1's outputs) compiles again
+        return jax.jit(local_step, out_shardings=jax.sharding.NamedSharding(replicate_on, P()))
     pb = P("data") if cfg.two_batches else P()
     fn = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(), P("data"), pb, P()),
                        out_specs=P())
@@ -315,7 +335,10 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     """
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1 epoch, got {eval_every}")
-    from tqdm.auto import tqdm
+    if progress:
+        from tqdm.auto import tqdm  # widgets in notebooks
+    else:
+        from tqdm import tqdm  # no import-time warning in kernels without ipywidgets
 
     run_dir.mkdir(parents=True, exist_ok=True)
     train, test, train_tf, eval_tf = data if data is not None else load_data(cfg, data_dir, seed)
@@ -349,8 +372,8 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     total_steps = cfg.epochs * steps_per_epoch
     method = make_method(cfg, loss_fn, model_state, total_steps, seed, "data" if mesh else None,
                          per_device=per_device and mesh is not None, strategy=strategy)
-    tx = make_optimizer(cfg, method, total_steps)
-    step_fn = make_train_step(cfg, loss_fn, tx, method, mesh)
+    tx = make_optimizer(cfg, method, total_steps, steps_per_epoch)
+    step_fn = make_train_step(cfg, loss_fn, tx, method, mesh, replicate_on=probe_mesh)
     # eval batches of the training size: memory-safe everywhere, and on CPU small batches are faster
     evaluate = make_eval(fmodels.make_apply(graphdef), eval_tf, batch_size=cfg.batch_size)
 
@@ -496,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _method_fields(cfg: TrainConfig) -> dict:
     return {"method_kwargs": cfg.method_kwargs, "sigma_increase": cfg.sigma_increase,
-            "two_batches": cfg.two_batches}
+            "two_batches": cfg.two_batches, "lr_per_epoch": cfg.lr_per_epoch}
 
 
 def resolve_configs(args: argparse.Namespace) -> list[TrainConfig]:

@@ -94,6 +94,18 @@ def test_marwp_passes_on_separate_device_groups_match_one_device(tmp_path, sweep
                     "--probe-devices", "3"])
 
 
+def test_epoch_wise_cosine_learning_rate_of_the_marwp_configs():
+    cfg = configs.CONFIGS["cifar10_resnet18_marwp"]
+    assert cfg.lr_per_epoch and not configs.CONFIGS["cifar10_resnet18_sam"].lr_per_epoch
+    spe, epochs = 7, 4
+    lr = train.lr_schedule(cfg.replace(epochs=epochs), epochs * spe, spe)
+    got = np.array([float(lr(t)) for t in range(epochs * spe)]).reshape(epochs, spe)
+    expected = [cfg.lr * 0.5 * (1 + np.cos(np.pi * e / epochs)) for e in range(epochs)]  # torch CosineAnnealingLR
+    np.testing.assert_allclose(got, np.repeat(np.array(expected)[:, None], spe, 1), rtol=1e-6)
+    per_step = train.lr_schedule(configs.CONFIGS["cifar10_resnet18_sam"], 28, spe)
+    assert float(per_step(1)) < float(per_step(0))  # the other configs change every update
+
+
 def test_unknown_config_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown config 'cifar10_resnet18_nope'.*known configs"):
         train.main(["--config", "cifar10_resnet18_nope", "--out", str(tmp_path)])
