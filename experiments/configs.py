@@ -22,8 +22,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-METHODS = ("sgd", "sam", "asam", "rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso", "crsam")
+METHODS = ("sgd", "sam", "asam", "rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso", "crsam", "lets", "lets_asam")
 TWO_BATCH_METHODS = ("mrwp", "marwp")
+#: LETS methods and their inner SAM-family rule; they wrap the base optimizer and read a second training
+#: batch per update as the validation batch (from an independently shuffled stream of the training set).
+LETS_METHODS = {"lets": "sam", "lets_asam": "asam"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +139,18 @@ for _data in ("cifar10", "cifar100"):
     _add(TrainConfig(f"{_data}_resnet18_wpsgd", _data, "resnet18", "wpsgd", {"sigma": 0.01, "k": 1},
                      source="NSO paper WP-SGD baseline; base: RWP paper setup (verify)", **_RWP_BASE))
 
+# ---- LETS (Wang et al., ECML-PKDD 2024): LETS-SAM / LETS-ASAM learn the radius from its initial value (rho
+# below: SAM's 0.05, ASAM's 0.5 / 1.0 as in the ASAM rows). No official code; base optimizer as the SAM papers'
+# CIFAR runs (lr 0.1, batch 128, wd 5e-4, 200 epochs) (verify); radius optimizer: flatjax's default Adam.
+for _data, _asam_rho in (("cifar10", 0.5), ("cifar100", 1.0)):
+    for _model, _tag in (("resnet18", "resnet18"), ("wrn28_10", "wrn28_10")):
+        _add(TrainConfig(f"{_data}_{_tag}_lets", _data, _model, "lets", {"rho": 0.05},
+                         lr=0.1, batch_size=128, weight_decay=5e-4, epochs=200,
+                         source="LETS-SAM (ALGORITHMS.md LETS; base optimizer verify)"))
+        _add(TrainConfig(f"{_data}_{_tag}_lets_asam", _data, _model, "lets_asam", {"rho": _asam_rho, "eta": 0.01},
+                         lr=0.1, batch_size=128, weight_decay=5e-4, epochs=200,
+                         source="LETS-ASAM (ALGORITHMS.md LETS + ASAM; base optimizer verify)"))
+
 # ---- Offline digits configs (scikit-learn 8x8 digits, MLP 64-128-128-10): quick sanity runs with each
 # method at its paper default; sigma of the RWP family as in experiments/quickstart.py (digits-scaled).
 _DIGITS = dict(dataset="digits", model="mlp", epochs=10, batch_size=64, lr=0.05, momentum=0.9,
@@ -152,6 +167,8 @@ _DIGITS_METHODS: dict[str, dict[str, Any]] = {
     "wpsgd": {"method_kwargs": {"sigma": 0.01, "k": 1}},
     "nso": {"method_kwargs": {"sigma": 0.01, "lam": 0.0, "k": 1}},
     "crsam": {"method_kwargs": {"rho": 0.1, "alpha": 0.1, "beta": 0.01}},
+    "lets": {"method_kwargs": {"rho": 0.05}},
+    "lets_asam": {"method_kwargs": {"rho": 0.5, "eta": 0.01}},
 }
 for _m, _kw in _DIGITS_METHODS.items():
     _add(TrainConfig(f"digits_mlp_{_m}", method=_m, **{**_DIGITS, **_kw}))

@@ -44,7 +44,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 import flatjax
-from experiments.configs import CONFIGS, METHODS, TrainConfig, default_config, get_config
+from experiments.configs import CONFIGS, LETS_METHODS, METHODS, TrainConfig, default_config, get_config
 from flatjax import data as fdata
 from flatjax.core.evaluate import invariant
 from flatjax import models as fmodels
@@ -87,8 +87,9 @@ def load_data(cfg: TrainConfig, data_dir: str | None, seed: int
 def make_method(cfg: TrainConfig, loss_fn: Callable, model_state: Any, total_steps: int, seed: int,
                 axis_name: str | None, per_device: bool = False, strategy: Any = "auto"
                 ) -> optax.GradientTransformationExtraArgs | None:
-    """The flatjax method of ``cfg`` (None for plain SGD), with BN statistics as its aux."""
-    if cfg.method == "sgd":
+    """The flatjax method chained before the base optimizer (None for SGD and for LETS, which wraps the
+    base optimizer: :func:`make_optimizer`), with BN statistics as its aux."""
+    if cfg.method == "sgd" or cfg.method in LETS_METHODS:
         return None
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
@@ -116,11 +117,17 @@ def lr_schedule(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> opt
     return lambda count: per_epoch(count // steps_per_epoch)
 
 
-def make_optimizer(cfg: TrainConfig, method: Any, total_steps: int, steps_per_epoch: int = 1
+def make_optimizer(cfg: TrainConfig, method: Any, total_steps: int, steps_per_epoch: int = 1, *,
+                   loss_fn: Callable | None = None, model_state: Any = None, axis_name: str | None = None
                    ) -> optax.GradientTransformationExtraArgs:
-    """``skip_nonfinite(chain([method,] add_decayed_weights(wd), sgd(cosine lr, momentum)))``."""
+    """``skip_nonfinite(chain([method,] add_decayed_weights(wd), sgd(cosine lr, momentum)))``; for LETS
+    ``skip_nonfinite(lets(loss_fn, chain(add_decayed_weights(wd), sgd(...)), inner=...))``."""
     lr = lr_schedule(cfg, total_steps, steps_per_epoch)
     base = [optax.add_decayed_weights(cfg.weight_decay), optax.sgd(lr, momentum=cfg.momentum)]
+    if cfg.method in LETS_METHODS:
+        return flatjax.skip_nonfinite(flatjax.lets(
+            loss_fn, optax.chain(*base), inner=LETS_METHODS[cfg.method], **cfg.method_kwargs, has_aux=True,
+            aux_init=model_state, axis_name=axis_name))
     return flatjax.skip_nonfinite(optax.chain(*([method] if method is not None else []), *base))
 
 
@@ -146,7 +153,7 @@ def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, m
         loss_kwargs = {"model_state": model_state}
         if cfg.model_kwargs.get("dropout_rate"):
             loss_kwargs["dropout_key"] = key
-        if method is None:
+        if cfg.method == "sgd":
             def objective(p):
                 loss, aux = loss_fn(p, batch, **loss_kwargs)
                 if axis is not None:  # the gradient of the global mean (pmean transposes to a psum / n)
@@ -155,8 +162,10 @@ def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, m
             (loss, new_ms), grads = jax.value_and_grad(objective, has_aux=True)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
         else:
-            updates, opt_state = tx.update(None, opt_state, params, batch=batch,
-                                           perturbed_batch=perturbed_batch, loss_kwargs=loss_kwargs)
+            # the second batch: m-(A)RWP's perturbed batch, or LETS's validation batch
+            second = {"val_batch" if cfg.method in LETS_METHODS else "perturbed_batch": perturbed_batch}
+            updates, opt_state = tx.update(None, opt_state, params, batch=batch, loss_kwargs=loss_kwargs,
+                                           **second)
             info = flatjax.step_info(opt_state)
             loss, new_ms = info.loss, info.aux
         out = optax.apply_updates(params, updates), new_ms, opt_state, loss
@@ -171,7 +180,7 @@ def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, m
         # keep the state replicated on the probe mesh: otherwise the compiler may pick other output
         # shardings, and step 2 (whose inputs are step 1's outputs) compiles again
         return jax.jit(local_step, out_shardings=jax.sharding.NamedSharding(replicate_on, P()))
-    pb = P("data") if cfg.two_batches else P()
+    pb = P("data") if cfg.two_batches or cfg.method in LETS_METHODS else P()
     fn = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(), P("data"), pb, P()),
                        out_specs=P())
     return jax.jit(fn)
@@ -295,13 +304,16 @@ def _load_history(run_dir: Path, step: int) -> list[dict]:
 # ---- one run -----------------------------------------------------------------------------------------
 
 
-def _batches(it: fdata.BatchIterator, epoch: int, start: int, per_update: int) -> Iterator[tuple]:
-    """Yields ``(batch, perturbed_batch)`` for the updates of ``epoch`` from update index ``start``."""
+def _batches(it: fdata.BatchIterator, epoch: int, start: int, per_update: int,
+             second: fdata.BatchIterator | None = None) -> Iterator[tuple]:
+    """Yields ``(batch, second batch)`` for the updates of ``epoch`` from update index ``start``: the
+    second batch is the next one of ``it`` (two batches per update), of the ``second`` stream, or None."""
     gen = it.epoch(epoch, start_step=start * per_update)
+    gen2 = second.epoch(epoch, start_step=start) if second is not None else None
     while True:
         try:
             b0 = next(gen)
-            b1 = next(gen) if per_update == 2 else None
+            b1 = next(gen) if per_update == 2 else (next(gen2) if gen2 is not None else None)
         except StopIteration:
             return
         yield b0, b1
@@ -355,9 +367,9 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     n_dev = devices or jax.device_count()
     mesh, probe_mesh, strategy = None, None, "auto"
     if probe_devices > 1:
-        if cfg.method == "sgd" or n_dev % probe_devices:
-            raise ValueError(f"probe_devices={probe_devices} needs a flatjax method (not sgd) and must divide "
-                             f"the {n_dev} devices")
+        if cfg.method == "sgd" or cfg.method in LETS_METHODS or n_dev % probe_devices:
+            raise ValueError(f"probe_devices={probe_devices} needs a flatjax method with parallel passes (not "
+                             f"sgd or LETS) and must divide the {n_dev} devices")
         probe_mesh = make_probe_mesh(probe_devices, n_dev)
         strategy = flatjax.ShardMapProbes(probe_mesh, "probe", data_axis="data")
     elif n_dev > 1:
@@ -368,11 +380,15 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                          "devices")
     per_update = 2 if cfg.two_batches else 1
     it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2)
+    # LETS's validation batches: the training set in an independent order (a function of seed, epoch, step)
+    val_it = (fdata.BatchIterator(train, cfg.batch_size, seed=seed + 1, transform=train_tf, prefetch=2)
+              if cfg.method in LETS_METHODS else None)
     steps_per_epoch = len(it) // per_update
     total_steps = cfg.epochs * steps_per_epoch
     method = make_method(cfg, loss_fn, model_state, total_steps, seed, "data" if mesh else None,
                          per_device=per_device and mesh is not None, strategy=strategy)
-    tx = make_optimizer(cfg, method, total_steps, steps_per_epoch)
+    tx = make_optimizer(cfg, method, total_steps, steps_per_epoch, loss_fn=loss_fn, model_state=model_state,
+                        axis_name="data" if mesh else None)
     step_fn = make_train_step(cfg, loss_fn, tx, method, mesh, replicate_on=probe_mesh)
     # eval batches of the training size: memory-safe everywhere, and on CPU small batches are faster
     evaluate = make_eval(fmodels.make_apply(graphdef), eval_tf, batch_size=cfg.batch_size)
@@ -404,7 +420,7 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     epoch = start // steps_per_epoch
     while step < end:
         t_epoch, losses = time.perf_counter(), []
-        for b0, b1 in _batches(it, epoch, step - epoch * steps_per_epoch, per_update):
+        for b0, b1 in _batches(it, epoch, step - epoch * steps_per_epoch, per_update, val_it):
             if step >= end:
                 break
             key = jax.random.fold_in(dropout_base, step)
@@ -461,6 +477,8 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                "test_loss": test_loss, "test_acc": test_acc, "step_ms": step_ms,
                "epoch_seconds": epoch_seconds, "compile_seconds": compile_s,
                "skipped_steps": int(opt_state.total_notfinite)}
+    if cfg.method in LETS_METHODS:  # the learned radius (the one the last step used)
+        summary["rho"] = float(flatjax.step_info(opt_state).diagnostics["rho"])
     writer.log({}, summary)
     summary["params"], summary["model_state"] = params, model_state
     return summary

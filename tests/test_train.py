@@ -56,16 +56,27 @@ def test_results_table_is_printed(tmp_path, capsys):
     assert "| c | sam | 2 | 1.0000 | 1.0000 | 0.5000 | 0.10 | 3.00 | 1.50 |" in table
 
 
-def test_kill_and_resume_gives_identical_parameters(tmp_path):
-    base = ["--method", "marwp", *TINY, "--epochs", "1"]  # m-ARWP: ARWP history + two-batch data position
+# m-ARWP: ARWP history + two-batch data position; LETS: learned radius + the validation-batch stream
+@pytest.mark.parametrize("method", ["marwp", "lets"])
+def test_kill_and_resume_gives_identical_parameters(tmp_path, method):
+    base = ["--method", method, *TINY, "--epochs", "1"]
     straight = train.main([*base, "--steps", "4", "--out", str(tmp_path / "a")])
     train.main([*base, "--steps", "2", "--out", str(tmp_path / "b")])  # "killed" after step 2
     resumed = train.main([*base, "--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
     assert resumed[0]["steps"] == 4
     for x, y in zip(_params(straight[0]), _params(resumed[0]), strict=True):
         np.testing.assert_array_equal(x, y)
-    history = json.loads((tmp_path / "b" / "digits_mlp_marwp" / "metrics.json").read_text())["history"]
+    history = json.loads((tmp_path / "b" / f"digits_mlp_{method}" / "metrics.json").read_text())["history"]
     assert [r["step"] for r in history] == [2, 4]
+
+
+def test_lets_learns_its_radius(sweep):
+    results = sweep[1]
+    for method, rho0 in (("lets", 0.05), ("lets_asam", 0.5)):
+        r = results[method]
+        assert np.isfinite(r["train_loss"]) and r["skipped_steps"] == 0
+        # step 2 used the radius after one Adam step (lr 1e-4 on log rho): moved, but only a little
+        assert r["rho"] != rho0 and abs(np.log(r["rho"] / rho0)) < 1e-3, r["rho"]
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
@@ -78,6 +89,14 @@ def test_data_parallel_sam_matches_one_device(tmp_path, sweep):
                         *TINY[:-1], "2"])
     assert np.isfinite(local[0]["train_loss"])
     assert not all(np.array_equal(x, y) for x, y in zip(_params(two[0]), _params(local[0])))
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
+def test_data_parallel_lets_matches_one_device(tmp_path, sweep):
+    two = train.main(["--method", "lets", "--steps", "2", "--out", str(tmp_path), *TINY[:-1], "2"])
+    for x, y in zip(_params(sweep[1]["lets"]), _params(two[0]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(two[0]["rho"], sweep[1]["lets"]["rho"], rtol=1e-5)
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices")
