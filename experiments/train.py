@@ -138,8 +138,8 @@ def make_probe_mesh(probe_devices: int, n_devices: int) -> jax.sharding.Mesh:
                          devices=jax.devices()[:n_devices])
 
 
-def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, method: Any, mesh: Any,
-                    replicate_on: Any = None) -> Callable:
+def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, mesh: Any, replicate_on: Any = None
+                    ) -> Callable:
     """A jitted ``step(params, model_state, opt_state, batch, perturbed_batch, key)``.
 
     Returns ``(params, model_state, opt_state, loss)``. With a mesh, the body runs per device inside
@@ -389,7 +389,7 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                          per_device=per_device and mesh is not None, strategy=strategy)
     tx = make_optimizer(cfg, method, total_steps, steps_per_epoch, loss_fn=loss_fn, model_state=model_state,
                         axis_name="data" if mesh else None)
-    step_fn = make_train_step(cfg, loss_fn, tx, method, mesh, replicate_on=probe_mesh)
+    step_fn = make_train_step(cfg, loss_fn, tx, mesh, replicate_on=probe_mesh)
     # eval batches of the training size: memory-safe everywhere, and on CPU small batches are faster
     evaluate = make_eval(fmodels.make_apply(graphdef), eval_tf, batch_size=cfg.batch_size)
 
