@@ -26,7 +26,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import flatjax  # noqa: E402
-from flatjax.methods.lets import lets  # noqa: E402
 
 
 def build_steps(loss_fn):
@@ -35,7 +34,7 @@ def build_steps(loss_fn):
              "asam": (optax.chain(flatjax.asam(loss_fn, 0.5), base()), False)}
     for inner, rho in (("sam", 0.05), ("asam", 0.5)):
         for mode in ("fd", "fd_forward", "exact", "diag"):
-            steps[f"lets-{inner} [{mode}]"] = (lets(loss_fn, base(), inner=inner, rho=rho, hypergradient=mode), True)
+            steps[f"lets-{inner} [{mode}]"] = (flatjax.lets(loss_fn, base(), inner=inner, rho=rho, hypergradient=mode), True)
     return steps
 
 

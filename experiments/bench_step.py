@@ -8,7 +8,9 @@ Two models on the host CPU: an MLP (784-512-512-10, batch 128) and a small conv 
 per round, so machine load affects all alike) and the median per-step time is reported, with its ratio
 to the SGD step and, for SAM, to ``optax.contrib.sam`` (opaque mode, sync_period=2: the same two passes).
 m-ARWP, NSO (k = 1, 2, 4) and CR-SAM run with each probe strategy, the device one on 2 virtual CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set here before JAX is imported).
+(``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set here before JAX is imported). The estimator
+form (``flatjax.estimators``) of SAM, RWP, m-ARWP, NSO and CR-SAM runs in a plain loop beside its Optax
+form; their ratio (time and compiled FLOPs) is reported.
 """
 
 from __future__ import annotations
@@ -100,7 +102,24 @@ def build_steps(loss_fn, devices_ok: bool):
     for method, make in with_probes.items():
         for label, strategy in strategies.items():
             steps[f"{method} [{label}]"] = (optax.chain(make(strategy), base()), "flat")
+    # the estimator form in a plain loop, beside its Optax form above (same rule, same strategy)
+    estimators = {
+        "sam": flatjax.estimators.sam(loss_fn, 0.05),
+        "rwp": flatjax.estimators.rwp(loss_fn, 0.01),
+        "marwp [sequential]": flatjax.estimators.marwp(loss_fn, strategy="sequential"),
+        "nso k=1 [sequential]": flatjax.estimators.nso(loss_fn, k=1, strategy="sequential"),
+        "crsam [sequential]": flatjax.estimators.crsam(loss_fn, strategy="sequential"),
+    }
+    for optax_name, est in estimators.items():
+        steps[f"{optax_name} estimator"] = ((est, base()), "estimator")
     return steps
+
+
+def init_state(tx, kind, params):
+    if kind == "estimator":
+        est, base = tx
+        return est.init(params), base.init(params)
+    return tx.init(params)
 
 
 def jitted_step(tx, kind, loss_fn):
@@ -108,6 +127,12 @@ def jitted_step(tx, kind, loss_fn):
         if kind == "grad":
             grads = jax.grad(loss_fn)(params, batch)
             updates, state = tx.update(grads, state, params)
+        elif kind == "estimator":
+            est, base = tx
+            est_state, opt_state = state
+            _, grads, est_state, _ = est.value_and_grad(params, est_state, batch)
+            updates, opt_state = base.update(grads, opt_state, params)
+            state = (est_state, opt_state)
         elif kind == "contrib":
             grads = jax.grad(loss_fn)(params, batch)
             grad_fn = jax.grad(lambda p, _: loss_fn(p, batch))
@@ -121,14 +146,15 @@ def jitted_step(tx, kind, loss_fn):
 
 def bench_model(model_name: str, rounds: int, steps_per_round: int):
     loss_fn, params0, batch = make_problem(model_name)
-    runners = {}
+    runners, flops = {}, {}
     for name, (tx, kind) in build_steps(loss_fn, len(jax.devices()) >= 2).items():
         step = jitted_step(tx, kind, loss_fn)
         params = jax.tree.map(jnp.array, params0)
-        state = tx.init(params)
+        state = init_state(tx, kind, params)
+        flops[name] = step.lower(params, state, batch).compile().cost_analysis().get("flops", float("nan"))
         params, state = jax.block_until_ready(step(params, state, batch))  # compile + warm up
         runners[name] = [step, params, state]
-    return time_interleaved(runners, rounds, steps_per_round, batch)
+    return time_interleaved(runners, rounds, steps_per_round, batch), flops
 
 
 def time_interleaved(runners: dict, rounds: int, steps_per_round: int, *step_args) -> dict:
@@ -169,7 +195,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else 3
     started = time.perf_counter()
-    results = {m: bench_model(m, rounds, 10 if m == "mlp" else 4) for m in ("mlp", "cnn")}
+    measured = {m: bench_model(m, rounds, 10 if m == "mlp" else 4) for m in ("mlp", "cnn")}
+    results = {m: r[0] for m, r in measured.items()}
+    flops = {m: r[1] for m, r in measured.items()}
     lines = [
         "# Step-time benchmark",
         "",
@@ -184,8 +212,19 @@ def main(argv=None):
         m, c = results["mlp"][name], results["cnn"][name]
         lines.append(f"| {name} | {m:.3f} | {m / results['mlp']['sgd']:.2f} | {c:.2f} | {c / results['cnn']['sgd']:.2f} |")
     ratio = lambda k: results[k]["sam"] / results[k]["optax.contrib.sam"]  # noqa: E731
-    lines += ["", f"flatjax SAM / optax.contrib.sam: MLP {ratio('mlp'):.2f}, CNN {ratio('cnn'):.2f}.",
-              f"Whole run (compilation included): {time.perf_counter() - started:.0f} s."]
+    lines += ["", f"flatjax SAM / optax.contrib.sam: MLP {ratio('mlp'):.2f}, CNN {ratio('cnn'):.2f}.", "",
+              "Estimator form / Optax form of the same method (step time, and compiled FLOPs from XLA's cost "
+              "analysis):", "",
+              "| method | MLP time | MLP FLOPs | CNN time | CNN FLOPs |", "|---|---|---|---|---|"]
+    for name in results["mlp"]:
+        if name.endswith(" estimator"):
+            optax_name = name[: -len(" estimator")]
+            cells = []
+            for k in ("mlp", "cnn"):
+                cells += [f"{results[k][name] / results[k][optax_name]:.2f}",
+                          f"{flops[k][name] / flops[k][optax_name]:.3f}"]
+            lines.append(f"| {optax_name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Whole run (compilation included): {time.perf_counter() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

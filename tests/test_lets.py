@@ -17,7 +17,8 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import flatjax
-from flatjax.methods.lets import LetsState, lets, lets_radius_optimizer
+from flatjax import lets, lets_radius_optimizer
+from flatjax.methods.lets import LetsState
 from flat_toys import assert_tree_close, make_batch, mlp_loss, mlp_params, np_norm, np_tree, tmap
 
 grad_fn = jax.jit(jax.grad(mlp_loss))

@@ -146,19 +146,17 @@ def test_multisteps_around_base_optimizer_accumulates_directions(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_multisteps_around_whole_chain_runs(name):
-    """Wrapping the whole chain also works: the method then runs once per k micro-steps (documented)."""
+def test_multisteps_around_whole_chain_raises(name):
+    """MultiSteps around the whole chain would hand the method accumulated gradients and run it on the
+    last micro-batch only (silently): it raises and names the fix."""
     params, batch = mlp_params(), make_batch()
     tx = optax.MultiSteps(optax.chain(FACTORIES[name](), optax.sgd(0.1)), every_k_schedule=2)
     state = tx.init(params)
-    step = jax.jit(lambda p, s, g: tx.update(g, s, p, batch=batch))
     grads = jax.grad(mlp_loss)(params, batch)
-    for _ in range(4):
-        updates, state = step(params, state, grads)
-        params = optax.apply_updates(params, updates)
-    inner = state.inner_opt_state[0]
-    assert int(inner.count) == 2
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+    with pytest.raises(ValueError, match="MultiSteps"):
+        jax.jit(lambda p, s, g: tx.update(g, s, p, batch=batch, clean_grad=g))(params, state, grads)
+    with pytest.raises(ValueError, match="MultiSteps"):
+        tx.update(grads, state, params, batch=batch)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from flatjax.core.tree import PyTree, stack
+from flatjax.core.tree import PyTree, stack, up
 
 STRATEGIES = ("sequential", "vmap")
 
@@ -90,12 +90,12 @@ def check_strategy(strategy: Strategy) -> Strategy:
 class Probes(NamedTuple):
     """Results at ``n`` probe points, stacked along a leading axis of size ``n``."""
 
-    losses: jax.Array  # (n,) float32
+    losses: jax.Array  # (n,), in the promoted loss dtype
     aux: PyTree  # leaves (n, ...)
     grads: PyTree  # leaves (n, ...)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
+def varying_axes(x: jax.Array) -> frozenset:
     aval = jax.typeof(x)
     manual = getattr(aval, "manual_axis_type", None)
     if manual is not None:
@@ -107,7 +107,7 @@ def to_varying(tree: PyTree, axis_name: str) -> PyTree:
     """Mark every leaf as varying over ``axis_name`` (no-op where it already is, or without checks)."""
 
     def cast(x):
-        if axis_name in _varying_axes(x):
+        if axis_name in varying_axes(x):
             return x
         return jax.lax.pcast(x, axis_name, to="varying")
 
@@ -116,7 +116,7 @@ def to_varying(tree: PyTree, axis_name: str) -> PyTree:
 
 def invariant(x: jax.Array, axis: str) -> jax.Array:
     """``x`` made identical across ``axis``: the mean (floats) or max (ints) where it varies."""
-    if axis not in _varying_axes(x):
+    if axis not in varying_axes(x):
         return x
     return jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else jax.lax.pmax(x, axis)
 
@@ -159,7 +159,7 @@ class Evaluator:
                 f"loss_fn must return a scalar loss{' as the first element of (loss, aux)' if self.has_aux else ''}, "
                 f"got shape {jnp.shape(loss)}; pass has_aux=True if it returns (loss, aux)"
             )
-        return jnp.asarray(loss, jnp.float32), aux
+        return up(loss), aux
 
     def value_and_grad(self, params: PyTree, batch: PyTree, *, reduce: bool = True):
         """``(loss, aux, grad)`` at ``params``; averaged over ``axis_name`` when ``reduce``."""
@@ -171,23 +171,37 @@ class Evaluator:
             grad = jax.lax.pmean(grad, self.axis_name)
         return loss, aux, grad
 
-    def probes(self, points: Sequence[PyTree], batches: Sequence[PyTree], *, reduce: bool = True) -> Probes:
-        """Evaluate at ``points[i]`` on ``batches[i]``; identical objects are shared, not copied."""
-        if len(points) != len(batches) or not points:
-            raise ValueError("probes need as many batches as points (at least one)")
-        if self.strategy == "sequential" or len(points) == 1:
-            results = [self.value_and_grad(p, b, reduce=reduce) for p, b in zip(points, batches)]
+    def probes(
+        self,
+        *,
+        points: Sequence[PyTree] | None = None,
+        batches: Sequence[PyTree] | None = None,
+        params: PyTree = None,
+        batch: PyTree = None,
+        reduce: bool = True,
+    ) -> Probes:
+        """Evaluate ``n`` probes: at ``points[i]`` (or the one shared ``params``) on ``batches[i]`` (or
+        the one shared ``batch``). A shared argument is broadcast to every probe, never copied."""
+        if (points is None) == (params is None):
+            raise ValueError("probes: give either points (one per probe) or one shared params")
+        if (batches is None) == (batch is None):
+            raise ValueError("probes: give either batches (one per probe) or one shared batch")
+        sizes = {len(x) for x in (points, batches) if x is not None}
+        if not sizes:
+            raise ValueError("probes: give points or batches (one per probe); a shared pair is one pass")
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"probes: points and batches must be non-empty lists of one length, got {sorted(sizes)}")
+        (n,) = sizes
+        point_at = (lambda i: points[i]) if points is not None else (lambda i: params)
+        batch_at = (lambda i: batches[i]) if batches is not None else (lambda i: batch)
+        if self.strategy == "sequential" or n == 1:
+            results = [self.value_and_grad(point_at(i), batch_at(i), reduce=reduce) for i in range(n)]
             losses, aux, grads = zip(*results)
             return Probes(jnp.stack(losses), stack(aux), stack(grads))
 
-        shared_params = all(p is points[0] for p in points)
-        shared_batch = all(b is batches[0] for b in batches)
-        if shared_params and shared_batch:  # identical probes: evaluate once
-            loss, aux, grad = self.value_and_grad(points[0], batches[0], reduce=reduce)
-            tile = lambda x: jnp.broadcast_to(x, (len(points),) + jnp.shape(x))
-            return Probes(tile(loss), jax.tree.map(tile, aux), jax.tree.map(tile, grad))
-        p_in = points[0] if shared_params else stack(points)
-        b_in = batches[0] if shared_batch else stack(batches)
+        shared_params, shared_batch = points is None, batches is None
+        p_in = params if shared_params else stack(points)
+        b_in = batch if shared_batch else stack(batches)
         axes = (None if shared_params else 0, None if shared_batch else 0)
 
         def run_local(p, b):
@@ -195,7 +209,7 @@ class Evaluator:
 
         if self.strategy == "vmap":
             return Probes(*run_local(p_in, b_in))
-        return self._shard_map(run_local, p_in, b_in, len(points), shared_params, shared_batch)
+        return self._shard_map(run_local, p_in, b_in, n, shared_params, shared_batch)
 
     def _shard_map(self, run_local, p_in, b_in, n, shared_params, shared_batch) -> Probes:
         strategy: ShardMapProbes = self.strategy  # type: ignore[assignment]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flatjax.core.tree import XI, PyTree, global_norm
+from flatjax.core.tree import XI, PyTree, global_norm, promoted, up
 
 #: ASAM's "weight" parameters in Flax naming (torch: names containing "weight").
 ADAPTIVE_LEAF_NAMES = ("kernel", "scale", "embedding", "weight", "w")
@@ -25,7 +25,7 @@ def _fan_in_axes(leaf: jax.Array) -> tuple[int, ...]:
 
 def filter_norms(leaf: jax.Array) -> jax.Array:
     """Per-filter L2 norm broadcastable to ``leaf``: over fan-in axes for ``ndim > 1``, whole leaf else."""
-    x = leaf.astype(jnp.float32)
+    x = up(leaf)
     if leaf.ndim > 1:
         return jnp.sqrt(jnp.sum(x * x, axis=_fan_in_axes(leaf), keepdims=True))
     return jnp.sqrt(jnp.sum(x * x)) + 1e-16
@@ -45,19 +45,20 @@ def leaf_keys(key: jax.Array, tree: PyTree) -> PyTree:
 
 
 def unit_noise(key: jax.Array, tree: PyTree, distribution: str = "gaussian") -> PyTree:
-    """Zero-mean, unit-variance i.i.d. noise shaped like ``tree`` (float32).
+    """Zero-mean, unit-variance i.i.d. noise shaped like ``tree``, in each leaf's promoted dtype.
 
     ``gaussian``: N(0, 1); ``laplace``: Laplace(0, 1/√2); ``uniform``: U(−√3, √3) — the NSO code's options.
     """
 
     def draw(k, leaf):
-        shape = jnp.shape(leaf)
+        shape, dtype = jnp.shape(leaf), promoted(jnp.result_type(leaf))
         if distribution == "gaussian":
-            return jax.random.normal(k, shape, jnp.float32)
+            return jax.random.normal(k, shape, dtype)
         if distribution == "laplace":
-            return jax.random.laplace(k, shape, jnp.float32) / jnp.sqrt(2.0)
+            return jax.random.laplace(k, shape, dtype) / jnp.sqrt(jnp.asarray(2.0, dtype))
         if distribution == "uniform":
-            return jax.random.uniform(k, shape, jnp.float32, -jnp.sqrt(3.0), jnp.sqrt(3.0))
+            bound = jnp.sqrt(jnp.asarray(3.0, dtype))
+            return jax.random.uniform(k, shape, dtype, -bound, bound)
         raise ValueError(f"distribution must be one of {NOISE_DISTRIBUTIONS}, got {distribution!r}")
 
     return jax.tree.map(draw, leaf_keys(key, tree), tree)
@@ -66,7 +67,7 @@ def unit_noise(key: jax.Array, tree: PyTree, distribution: str = "gaussian") -> 
 def normalized_ascent(grad: PyTree, rho: jax.Array) -> PyTree:
     """SAM's ascent step ``e = ρ g / (‖g‖ + ξ)`` (Foret et al., ICLR 2021). Zero gradient → zero step."""
     factor = rho / (global_norm(grad) + XI)
-    return jax.tree.map(lambda g: (factor * g.astype(jnp.float32)).astype(g.dtype), grad)
+    return jax.tree.map(lambda g: (factor * up(g)).astype(g.dtype), grad)
 
 
 def default_adaptive_mask(params: PyTree) -> PyTree:
@@ -89,10 +90,10 @@ def adaptive_ascent(
     """
 
     def t_of(w, m):
-        return jnp.where(m, jnp.abs(w.astype(jnp.float32)) + eta, 1.0)
+        return jnp.where(m, jnp.abs(up(w)) + eta, 1.0)
 
     scales = jax.tree.map(t_of, params, mask)
-    tg = jax.tree.map(lambda t, g: t * g.astype(jnp.float32), scales, grad)
+    tg = jax.tree.map(lambda t, g: t * up(g), scales, grad)
     factor = rho / (global_norm(tg) + XI)
     return jax.tree.map(lambda t, x, g: (factor * t * x).astype(g.dtype), scales, tg, grad)
 
@@ -133,7 +134,7 @@ def isotropic_noise(
 def accumulate_squares(accumulator: PyTree, grad: PyTree, beta: jax.Array) -> PyTree:
     """ARWP's history ``s ← β s + g²`` (no (1−β) factor, as in the official code)."""
     return jax.tree.map(
-        lambda s, g: (beta * s + jnp.square(g.astype(jnp.float32))).astype(s.dtype), accumulator, grad
+        lambda s, g: (beta * s + jnp.square(up(g))).astype(s.dtype), accumulator, grad
     )
 
 

@@ -11,11 +11,11 @@ Schedule = Callable[[jax.Array], jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Schedule]
 
 
-def value_at(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """The hyper-parameter at step ``count`` (number of completed updates) as a float32 scalar."""
+def value_at(value: ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """The hyper-parameter at step ``count`` (number of completed updates) as a ``dtype`` scalar."""
     if callable(value):
         value = value(count)
-    return jnp.asarray(value, jnp.float32)
+    return jnp.asarray(value, dtype)
 
 
 def cosine_increasing(init_value: float, increase: float, total_steps: int) -> Schedule:

@@ -1,46 +1,40 @@
-"""The flatjax contract: a flat-minima method as an Optax ``GradientTransformationExtraArgs``.
+"""The Optax form of a flatjax method: a thin ``GradientTransformationExtraArgs`` over its estimator.
 
-A method wraps the user's ``loss_fn(params, batch, **loss_kwargs) -> loss`` (or ``(loss, aux)``).
-Its ``update`` takes the usual Optax arguments plus keyword extra arguments, which ``optax.chain``
-forwards to every member (unknown ones are ignored here, so other members may use their own)::
+``optax.chain`` forwards keyword extra arguments to every member (unknown ones are ignored here, so
+other members may take their own)::
 
-    updates, state = tx.update(updates, state, params,
+    updates, state = tx.update(None, state, params,
                                batch=batch,                # required: handed to loss_fn
                                perturbed_batch=None,       # m-RWP/m-ARWP: batch B1 of the perturbed pass
-                               loss_kwargs=None,           # e.g. {"batch_stats": ...}: not differentiated
+                               loss_kwargs=None,           # e.g. {"model_state": ...}: not differentiated
                                clean_grad=None,            # optional: your ∇L_B(w), reused where possible
                                key=None)                   # overrides the state's PRNG stream
 
-* ``updates`` is not read: the method evaluates every pass it needs itself, so independent passes can
-  be evaluated together. Pass None, or any params-shaped tree (the gradients, or the params themselves)
-  when a wrapper such as ``optax.apply_if_finite`` or ``optax.MultiSteps`` needs one.
-* ``clean_grad``: if you already computed ``∇L_B(w)`` on ``batch``, methods whose rule contains it
-  (SAM/ASAM without m-sharpness or ``axis_name``; m-RWP/m-ARWP) reuse it instead of a pass of their
-  own; others ignore it. The step then reports ``loss = NaN`` and keeps the previous ``aux``: your own
-  ``value_and_grad`` already has them. A flatjax method must be the FIRST member of a chain.
-* The returned updates are the method's descent direction ``d`` (same structure and dtypes as
-  ``params``); the following Optax members (momentum, weight decay, learning rate) turn it into a step.
-* What a step measured is kept in the state: :func:`step_info` finds it in any (nested) Optax state:
-  the reported ``loss`` and ``aux`` (each method documents which pass they come from — the unperturbed
-  one where the method evaluates it), every probe loss, and method diagnostics (ρ, σ, norms ...).
-* ``aux`` has a fixed structure kept in the state; give its initial value as ``aux_init`` (for Flax
-  BatchNorm: the initial ``batch_stats``). Its values are replaced each step.
-* Randomness: the state holds a PRNG key made from ``seed``; step ``t`` uses ``fold_in(key, t)``, so the
-  same seed gives the same updates on every backend and strategy, and checkpoints resume exactly.
+* ``updates`` is replaced by the method's descent direction ``d`` (same structure and dtypes as
+  ``params``); the following Optax members (momentum, weight decay, clipping, learning rate) turn it into
+  a step. Hand in ``None``, or (where a wrapper such as ``optax.apply_if_finite`` needs a gradient) your
+  clean gradient as BOTH ``updates`` and ``clean_grad=``: it is then reused where the rule contains it.
+  Any other ``updates`` raise: they come from a member chained BEFORE the method (e.g. clipping) or from
+  ``optax.MultiSteps`` wrapped around the whole chain (accumulated gradients), whose effect the method
+  would silently drop. Put such members after the method.
+* What a step measured is kept in the state: :func:`step_info` finds it in any (nested) Optax state.
+  ``aux`` has a fixed structure kept in the state, so give its initial value as ``aux_init`` (for Flax
+  BatchNorm: the initial ``batch_stats``); the estimator form (``flatjax.estimators``) returns it instead.
+* Randomness, schedules and strategies as in the estimator form (:mod:`flatjax.core.estimator`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, check_strategy
-from flatjax.core.tree import PyTree, cast_like
-from flatjax.core.validate import check_callable
+from flatjax.core.estimator import Estimator, EstimatorState
+from flatjax.core.tree import PyTree, cast_like, compute_dtype
 
 
 class StepInfo(NamedTuple):
@@ -60,7 +54,7 @@ class StepInfo(NamedTuple):
 
 
 class FlatState(NamedTuple):
-    """Optimizer state of a flatjax method."""
+    """Optimizer state of a flatjax method (its estimator state and the last :class:`StepInfo`)."""
 
     count: jax.Array  # int32: completed updates (the step index schedules see)
     key: jax.Array  # raw uint32 PRNG key
@@ -68,116 +62,69 @@ class FlatState(NamedTuple):
     info: StepInfo
 
 
-class Direction(NamedTuple):
-    """What a method's direction rule returns for one step."""
-
-    updates: PyTree
-    method: PyTree
-    loss: jax.Array
-    aux: PyTree | None  # None: keep the previous aux
-    probe_losses: jax.Array
-    diagnostics: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class StepContext:
-    """Everything a direction rule may use in one step."""
-
-    params: PyTree
-    batch: PyTree
-    perturbed_batch: PyTree
-    clean_grad: PyTree | None  # the user's clean gradient, when given and reusable
-    key: jax.Array
-    count: jax.Array
-    evaluator: Evaluator
-
-    def value_and_grad(self, params, batch, *, reduce=True):
-        return self.evaluator.value_and_grad(params, batch, reduce=reduce)
-
-    def probes(self, points: Sequence[PyTree], batches: Sequence[PyTree], *, reduce=True) -> Probes:
-        return self.evaluator.probes(points, batches, reduce=reduce)
-
-
-NAN = float("nan")
-
-
-def _raw_key(seed: Any) -> jax.Array:
-    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(seed)
-    if isinstance(seed, jax.Array) and seed.shape == (2,):
-        return seed.astype(jnp.uint32)
-    return jax.random.key_data(jax.random.key(seed))
-
-
-def _check_aux(aux: PyTree, aux_init: PyTree) -> PyTree:
+def check_aux(name: str, aux: PyTree, aux_init: PyTree) -> PyTree:
+    """``aux`` cast to the dtypes of ``aux_init``; ``ValueError`` when the structure or a dtype kind differs."""
     want, got = jax.tree.structure(aux_init), jax.tree.structure(aux)
     if want != got:
         raise ValueError(
-            f"the aux returned by loss_fn has structure {got}, but aux_init has structure {want}; "
+            f"{name}: the aux returned by loss_fn has structure {got}, but aux_init has structure {want}; "
             "pass aux_init with the structure of the aux your loss returns"
         )
+    for a, b in zip(jax.tree.leaves(aux), jax.tree.leaves(aux_init)):
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact) and not jnp.issubdtype(jnp.result_type(b), jnp.inexact):
+            raise ValueError(
+                f"{name}: loss_fn returns a floating aux leaf ({jnp.result_type(a)}) where aux_init has "
+                f"{jnp.result_type(b)}; storing it would truncate it. Give aux_init floating leaves there."
+            )
     return cast_like(aux, aux_init)
 
 
-def flat_transformation(
-    *,
-    name: str,
-    loss_fn: Callable[..., Any],
-    direction: Callable[[StepContext, PyTree], Direction],
-    init_method_state: Callable[[PyTree], PyTree],
-    n_probes: int,
-    diagnostics: Sequence[str],
-    has_aux: bool,
-    aux_init: PyTree,
-    seed: Any,
-    strategy: Strategy,
-    axis_name: str | None,
-    reuse_gradient: bool,
-) -> optax.GradientTransformationExtraArgs:
-    """Build a method from its direction rule (shared by every flatjax method; not for end users).
+def empty_info(estimator: Estimator, aux_init: PyTree, dtype: Any) -> StepInfo:
+    """The :class:`StepInfo` of a state before its first update."""
+    return StepInfo(
+        loss=jnp.zeros((), dtype),
+        probe_losses=jnp.zeros((estimator.n_probes,), dtype),
+        aux=jax.tree.map(jnp.array, aux_init),  # a copy: the state never aliases user buffers
+        diagnostics={k: jnp.zeros((), dtype) for k in estimator.diagnostics},
+    )
 
-    Args:
-      name: the public factory name, used in error messages.
-      loss_fn: ``loss_fn(params, batch, **loss_kwargs)``.
-      direction: ``direction(ctx, method_state) -> Direction``.
-      init_method_state: ``params -> method_state``.
-      n_probes: number of losses the method reports in ``probe_losses``.
-      diagnostics: names of the scalar diagnostics the method reports.
-      has_aux / aux_init: see the module docstring.
-      seed: int seed or PRNG key.
-      strategy: probe strategy, see :mod:`flatjax.core.evaluate`.
-      axis_name: data-parallel axis of an enclosing shard_map, or None.
-      reuse_gradient: whether a given ``clean_grad`` may replace the method's clean pass.
-    """
-    check_callable("loss_fn", loss_fn)
-    strategy = check_strategy(strategy)
-    if has_aux and aux_init is None:
+
+def updates_as_clean_grad(name: str, updates: PyTree, clean_grad: PyTree) -> None:
+    """Raise unless ``updates`` is None or the very ``clean_grad`` object (leaf for leaf) the caller passed."""
+    if updates is None:
+        return
+    if clean_grad is not None and jax.tree.structure(updates) == jax.tree.structure(clean_grad) and all(
+        a is b for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(clean_grad))
+    ):
+        return
+    raise ValueError(
+        f"{name}: the updates handed in are not None and not the clean_grad you passed. A flatjax method "
+        "replaces its input with its own direction, so whatever produced these updates would be silently "
+        "dropped: a member chained BEFORE the method (e.g. clipping), or optax.MultiSteps wrapped around the "
+        "whole chain (accumulated gradients; the method would see only the last micro-batch). Call "
+        "tx.update(None, ...) and put such members after the method, e.g. optax.chain(flatjax."
+        f"{name}(...), optax.clip_by_global_norm(1.0), optax.sgd(...)) or MultiSteps around the base "
+        "optimizer; or pass your clean gradient as both updates and clean_grad=; or use the estimator form "
+        f"flatjax.estimators.{name} in your own loop."
+    )
+
+
+def as_transformation(estimator: Estimator, *, aux_init: PyTree = None) -> optax.GradientTransformationExtraArgs:
+    """The Optax form of an estimator built by ``rule_estimator`` (see the module docstring)."""
+    name = estimator.name
+    if estimator.has_aux and aux_init is None:
         raise ValueError(
-            f"{name}: has_aux=True needs aux_init, the initial value of the aux your loss returns "
-            "(e.g. the model's initial batch_stats), so the state has a fixed structure"
+            f"{name}: has_aux=True needs aux_init, the initial value of the aux your loss returns (e.g. the "
+            "model's initial batch_stats), so the Optax state has a fixed structure; the estimator form "
+            f"flatjax.estimators.{name} returns aux instead and needs no aux_init"
         )
-    if not has_aux and aux_init is not None:
+    if not estimator.has_aux and aux_init is not None:
         raise ValueError(f"{name}: aux_init is only used with has_aux=True")
-    if axis_name is not None and isinstance(strategy, ShardMapProbes):
-        raise ValueError(
-            f"{name}: axis_name (an enclosing data-parallel shard_map) cannot be combined with "
-            "strategy=ShardMapProbes; use 'sequential' or 'vmap' inside your own shard_map"
-        )
-    aux_template = jax.tree.map(jnp.asarray, aux_init) if has_aux else None
+    aux_template = jax.tree.map(jnp.asarray, aux_init) if estimator.has_aux else None
 
     def init_fn(params: PyTree) -> FlatState:
-        info = StepInfo(
-            loss=jnp.zeros((), jnp.float32),
-            probe_losses=jnp.zeros((n_probes,), jnp.float32),
-            aux=jax.tree.map(jnp.array, aux_template),  # a copy: the state never aliases user buffers
-            diagnostics={k: jnp.zeros((), jnp.float32) for k in diagnostics},
-        )
-        return FlatState(
-            count=jnp.zeros((), jnp.int32),
-            key=_raw_key(seed),
-            method=init_method_state(params),
-            info=info,
-        )
+        est = estimator.init(params)
+        return FlatState(est.count, est.key, est.method, empty_info(estimator, aux_template, compute_dtype(params)))
 
     def update_fn(
         updates: PyTree,
@@ -192,33 +139,52 @@ def flat_transformation(
         **unused_extra_args: Any,
     ):
         if params is None:
-            raise ValueError(f"{name}: update needs params: tx.update(grads_or_None, state, params, batch=...)")
+            raise ValueError(f"{name}: update needs params: tx.update(None, state, params, batch=...)")
         if batch is None:
             raise ValueError(f"{name}: update needs the mini-batch: tx.update(..., batch=batch)")
-        step_key = _raw_key(key) if key is not None else jax.random.fold_in(state.key, state.count)
-        evaluator = Evaluator(loss_fn, has_aux, dict(loss_kwargs or {}), axis_name, strategy)
-        ctx = StepContext(
-            params=params,
-            batch=batch,
-            perturbed_batch=batch if perturbed_batch is None else perturbed_batch,
-            clean_grad=clean_grad if reuse_gradient else None,
-            key=step_key,
-            count=state.count,
-            evaluator=evaluator,
+        if not isinstance(state, FlatState):
+            raise ValueError(f"{name}: state must be the FlatState made by tx.init(params), got {type(state).__name__}")
+        updates_as_clean_grad(name, updates, clean_grad)
+        value, direction, est, info = estimator.value_and_grad(
+            params, EstimatorState(state.count, state.key, state.method), batch,
+            perturbed_batch=perturbed_batch, loss_kwargs=loss_kwargs, clean_grad=clean_grad, key=key,
         )
-        del updates  # never read: see the module docstring
-        out = direction(ctx, state.method)
-        aux = state.info.aux if (out.aux is None or not has_aux) else _check_aux(out.aux, aux_template)
-        info = StepInfo(
-            loss=jnp.asarray(out.loss, jnp.float32),
-            probe_losses=jnp.asarray(out.probe_losses, jnp.float32).reshape((n_probes,)),
-            aux=aux,
-            diagnostics={k: jnp.asarray(out.diagnostics[k], jnp.float32) for k in diagnostics},
-        )
-        new_state = FlatState(optax.safe_increment(state.count), state.key, out.method, info)
-        return cast_like(out.updates, params), new_state
+        loss, aux = value if estimator.has_aux else (value, None)
+        aux = state.info.aux if aux is None else check_aux(name, aux, aux_template)
+        new_info = cast_like(StepInfo(loss, info.probe_losses, aux, info.diagnostics), state.info)
+        return direction, FlatState(est.count, est.key, est.method, new_info)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def optax_form(
+    estimator_factory: Callable[..., Estimator],
+    adapter: Callable[..., optax.GradientTransformationExtraArgs] = as_transformation,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """The Optax-form factory of an estimator factory: same arguments plus ``aux_init``.
+
+    ``optax.chain(flatjax.sam(loss_fn, 0.05), optax.sgd(0.1))`` is the estimator
+    ``flatjax.estimators.sam(loss_fn, 0.05)`` behind ``tx.update``; see :mod:`flatjax.core.transform`.
+    ``adapter(estimator, aux_init=...)`` builds the transformation (default :func:`as_transformation`).
+    """
+    signature = inspect.signature(estimator_factory)
+    aux_param = inspect.Parameter("aux_init", inspect.Parameter.KEYWORD_ONLY, default=None)
+    params = list(signature.parameters.values())
+    has_var_kw = params and params[-1].kind == inspect.Parameter.VAR_KEYWORD
+    params = params[:-1] + [aux_param, params[-1]] if has_var_kw else params + [aux_param]
+
+    @functools.wraps(estimator_factory)
+    def factory(*args, aux_init: PyTree = None, **kwargs) -> optax.GradientTransformationExtraArgs:
+        return adapter(estimator_factory(*args, **kwargs), aux_init=aux_init)
+
+    factory.__signature__ = signature.replace(parameters=params, return_annotation=optax.GradientTransformationExtraArgs)
+    del factory.__wrapped__  # inspect.signature must see aux_init
+    factory.__doc__ = (
+        f"Optax form of :func:`flatjax.estimators.{estimator_factory.__name__}` (same arguments, plus "
+        "``aux_init``: the initial aux when ``has_aux``, for the state's fixed structure).\n\n"
+        + (estimator_factory.__doc__ or "")
+    )
+    return factory
 
 
 def step_info(opt_state: Any) -> StepInfo:

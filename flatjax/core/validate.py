@@ -1,6 +1,6 @@
-"""Hyper-parameter checks at construction: a clear ``ValueError`` naming the parameter and its range.
+"""Input checks: a clear ``ValueError`` naming the parameter, its accepted range and, where it helps, the fix.
 
-Values may be floats, concrete arrays, or schedules (callables of the step count). Traced values (as
+Hyper-parameter values may be floats, concrete arrays, or schedules (callables of the step count). Traced values (as
 handed in by ``optax.inject_hyperparams`` inside ``update``) cannot be checked and are let through: they
 were checked concretely when the same factory ran inside ``init``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import chex
 import jax
 import numpy as np
 
@@ -73,3 +74,100 @@ def check_callable(name: str, value: Any) -> Callable:
     if not callable(value):
         raise ValueError(f"{name} must be callable, got {type(value).__name__}")
     return value
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a Python bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_axis_name(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a mesh/pmap axis name (a string)."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be None or the name of a mapped axis (a string), got {value!r}")
+
+
+def raw_key(seed: Any) -> jax.Array:
+    """A raw ``uint32[2]`` PRNG key from an int seed, a typed key or a raw key."""
+    if isinstance(seed, jax.Array) and jax.numpy.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(seed)
+    if isinstance(seed, (jax.Array, np.ndarray)) and np.shape(seed) == (2,):
+        return jax.numpy.asarray(seed).astype(jax.numpy.uint32)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
+        raise ValueError(f"seed must be an int or a jax.random key, got {seed!r}")
+    return jax.random.key_data(jax.random.key(seed))
+
+
+def check_params(name: str, params: Any) -> None:
+    """Raise ``ValueError`` unless ``params`` is a non-empty pytree of floating arrays."""
+    if params is None:
+        raise ValueError(f"{name}: params is None; pass the parameter pytree")
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError(f"{name}: params has no array leaves")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            raise ValueError(
+                f"{name}: every parameter must be a floating-point array; {jax.tree_util.keystr(path)} is "
+                f"{type(leaf).__name__} of dtype {dtype} (keep integer state out of params, e.g. in loss_kwargs)"
+            )
+
+
+def check_state(name: str, state: Any, state_type: type, how: str) -> None:
+    """Raise ``ValueError`` unless ``state`` is a ``state_type`` (made by ``how``)."""
+    if not isinstance(state, state_type):
+        raise ValueError(f"{name}: state must be the {state_type.__name__} made by {how}, got {type(state).__name__}")
+
+
+def check_like_params(name: str, what: str, tree: Any, params: Any) -> None:
+    """Raise ``ValueError`` unless ``tree`` has the structure and leaf shapes of ``params``."""
+    try:
+        chex.assert_trees_all_equal_shapes(tree, params)
+    except (AssertionError, ValueError) as err:
+        raise ValueError(f"{name}: {what} must have the structure and shapes of params ({err})") from None
+
+
+def _bound_axis_names() -> frozenset:
+    """Names of the mapped axes (pmap, shard_map, named vmap) the current trace runs under."""
+    try:
+        from jax._src import core as jax_core  # no public accessor for the axis environment
+
+        return frozenset(jax_core.get_axis_env().axis_sizes)
+    except Exception:  # a JAX without it: skip this check rather than break the step
+        return frozenset()
+
+
+def check_data_parallel(name: str, params: Any, batch: Any, axis_name: str | None) -> None:
+    """Raise ``ValueError`` for a data-parallel step that forgot ``axis_name``.
+
+    Inside ``jax.shard_map`` a batch split over a mesh axis that the parameters are replicated over makes
+    the gradient of every parameter come back SUMMED over that axis (a step n_devices times too long);
+    under ``jax.pmap`` each replica would step on its own shard and the replicas would diverge.
+    """
+    if axis_name is not None:
+        return
+    from flatjax.core.evaluate import varying_axes
+
+    batch_axes = frozenset().union(*(varying_axes(x) for x in jax.tree.leaves(batch)))
+    param_axes = [varying_axes(x) for x in jax.tree.leaves(params)]
+    typed = batch_axes or any(param_axes)
+    if typed:
+        shared = frozenset.intersection(*param_axes) if param_axes else frozenset()
+        split = sorted(batch_axes - shared)
+        if split:
+            raise ValueError(
+                f"{name}: the batch is split over the mesh axis {split[0]!r} of an enclosing shard_map but "
+                f"axis_name is None, so the gradient of the replicated parameters would come back summed over "
+                f"the devices (a step as many times too long as there are devices). Pass axis_name={split[0]!r}."
+            )
+        return
+    bound = sorted(_bound_axis_names())
+    if bound:
+        raise ValueError(
+            f"{name}: the step runs under the mapped axis {bound[0]!r} (jax.pmap, or shard_map without "
+            f"check_vma) but axis_name is None: each replica would step on its own shard of the batch and the "
+            f"replicas would diverge. Pass axis_name={bound[0]!r} (the gradients are then averaged; "
+            "sam/asam(..., per_device=True) perturbs with each replica's own gradient)."
+        )

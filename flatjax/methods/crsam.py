@@ -5,7 +5,7 @@ TrustAIoT/CR-SAM). With ``v = g/(‖g‖ + ξ)``, ``L± = L_B(w ± ρv)``, ``L0 
 curvature ``c = L+ + L− − 2L0 ≈ ρ² vᵀHv`` and slope ``s = L+ − L− ≈ 2ρ vᵀg``. The ± passes are
 independent and evaluated together by the probe strategy (2 passes on the critical path).
 
-Two forms (ALGORITHMS.md):
+Two forms:
 
 * ``form="code"`` (default; the released code, which produced the paper's numbers): the gradient of
   ``α c + β s`` with v held fixed: ``d = ∇L+ + α(∇L+ + ∇L− − 2g) + β(∇L+ − ∇L−)``.
@@ -21,26 +21,25 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from flatjax.core import perturb
+from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
 from flatjax.core.evaluate import Strategy
-from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.transform import Direction, StepContext, flat_transformation
-from flatjax.core.tree import PyTree, add_scaled, global_norm, index
+from flatjax.core.schedule import ScalarOrSchedule
+from flatjax.core.tree import PyTree, add_scaled, global_norm, index, up
 from flatjax.core.validate import check_choice, check_range
 
 FORMS = ("code", "log")
 
 
 def combine(grad_plus: PyTree, grad_minus: PyTree, grad: PyTree, wc: jax.Array, ws: jax.Array) -> PyTree:
-    """CR-SAM's direction ``∇L+ + wc (∇L+ + ∇L− − 2g) + ws (∇L+ − ∇L−)`` (float32 accumulation).
+    """CR-SAM's direction ``∇L+ + wc (∇L+ + ∇L− − 2g) + ws (∇L+ − ∇L−)`` (promoted-dtype accumulation).
 
     ``wc, ws`` are α, β in the code form and α/c, β/s (clamped) in the log form.
     """
 
     def leaf(p, m, g0):
-        p32, m32, g32 = p.astype(jnp.float32), m.astype(jnp.float32), g0.astype(jnp.float32)
+        p32, m32, g32 = up(p), up(m), up(g0)
         return (p32 + wc * (p32 + m32 - 2.0 * g32) + ws * (p32 - m32)).astype(p.dtype)
 
     return jax.tree.map(leaf, grad_plus, grad_minus, grad)
@@ -55,11 +54,10 @@ def crsam(
     form: str = "code",
     log_floor: float = 1e-12,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Curvature-Regularized SAM (Wu et al., AAAI 2024) as an Optax transformation.
+) -> Estimator:
+    """Curvature-Regularized SAM (Wu et al., AAAI 2024).
 
     Args:
       loss_fn: ``loss_fn(params, batch, **loss_kwargs) -> loss`` or ``(loss, aux)``.
@@ -68,13 +66,15 @@ def crsam(
       beta: β ≥ 0, slope (gradient-norm) weight (0.01). α = β = 0 gives SAM exactly.
       form: 'code' (default) or 'log', see the module docstring.
       log_floor: > 0, clamp of the logarithm's argument in the 'log' form.
-      has_aux, aux_init, strategy, axis_name: as in :func:`flatjax.sam`.
+      has_aux, strategy, axis_name: as in :func:`sam`.
 
     Reports: ``loss``/``aux`` from the clean pass; ``probe_losses`` = [L0, L+, L−]; diagnostics ``rho``,
     ``alpha``, ``beta``,
     ``grad_norm`` (‖g‖), ``curvature`` (c/ρ² ≈ vᵀHv), ``slope`` (s/(2ρ) ≈ ‖g‖),
     ``normalized_curvature`` (c/ρ² / ‖g‖: the step's estimate of CR-SAM's normalized Hessian trace
-    along v) and ``regularizer`` (α log c + β log s with the clamp, whichever form is used).
+    along v) and ``regularizer`` (α log c + β log s with the clamp, whichever form is used). In the code
+    form a given ``clean_grad`` replaces the clean pass (loss and the L0-based diagnostics are then NaN);
+    the log form needs L0 and raises.
     """
     check_range("rho", rho, low=0.0)
     check_range("alpha", alpha, low=0.0)
@@ -83,10 +83,13 @@ def crsam(
     check_range("log_floor", log_floor, low=0.0, low_open=True)
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
-        r, a, b = value_at(rho, ctx.count), value_at(alpha, ctx.count), value_at(beta, ctx.count)
-        loss0, aux0, g = ctx.value_and_grad(ctx.params, ctx.batch)
+        r, a, b = ctx.value(rho), ctx.value(alpha), ctx.value(beta)
+        if ctx.clean_grad is not None:  # the code form needs g but not L0 (only the diagnostics do)
+            loss0, aux0, g = jnp.asarray(NAN, ctx.dtype), None, ctx.clean_grad
+        else:
+            loss0, aux0, g = ctx.value_and_grad(ctx.params, ctx.batch)
         e = perturb.normalized_ascent(g, r)  # ρ v
-        out = ctx.probes([add_scaled(ctx.params, e), add_scaled(ctx.params, e, -1.0)], [ctx.batch] * 2)
+        out = ctx.probes(points=[add_scaled(ctx.params, e), add_scaled(ctx.params, e, -1.0)], batch=ctx.batch)
         (lp, lm), gp, gm = out.losses, index(out.grads, 0), index(out.grads, 1)
         c, s = lp + lm - 2.0 * loss0, lp - lm
         if form == "code":
@@ -110,9 +113,10 @@ def crsam(
         }
         return Direction(d, method_state, loss0, aux0, jnp.stack([loss0, lp, lm]), diagnostics)
 
-    return flat_transformation(
+    return rule_estimator(
         name="crsam", loss_fn=loss_fn, direction=direction, init_method_state=lambda p: (), n_probes=3,
         diagnostics=("rho", "alpha", "beta", "grad_norm", "curvature", "slope", "normalized_curvature", "regularizer"),
-        has_aux=has_aux, aux_init=aux_init, seed=0, strategy=strategy, axis_name=axis_name,
-        reuse_gradient=False,
+        has_aux=has_aux, seed=0, strategy=strategy, axis_name=axis_name,
+        reuse_gradient=form == "code",
+        rejects_clean_grad=None if form == "code" else "the log form divides by the curvature, which needs L(w)",
     )

@@ -96,12 +96,15 @@ import jax.numpy as jnp
 import optax
 
 from flatjax.core import perturb
+from flatjax.core.estimator import NAN, Estimator, Info
 from flatjax.core.evaluate import Evaluator
 from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.transform import NAN, FlatState, StepInfo, _check_aux, _raw_key
-from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, global_norm
-from flatjax.core.validate import check_callable, check_choice, check_positive_int, check_range
+from flatjax.core.transform import FlatState, StepInfo, check_aux, empty_info, updates_as_clean_grad
+from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, compute_dtype, global_norm
+from flatjax.core.validate import (check_bool, check_callable, check_choice, check_data_parallel,
+                                   check_like_params, check_positive_int, check_range, check_state, raw_key)
 from flatjax.methods.crsam import combine as crsam_combine
+from flatjax.methods.sam import adaptive_mask_of
 
 INNERS = ("sam", "asam", "crsam")
 HYPERGRADIENTS = ("fd", "fd_forward", "exact", "exact_total", "diag")
@@ -112,8 +115,24 @@ DEFAULT_FD_STEP = {"fd": 1e-2, "fd_forward": 1e-3}
 DIAGNOSTICS = ("rho", "upper_loss", "gap", "hypergrad", "grad_norm", "radius_skips")
 
 
+class LetsEstimatorState(NamedTuple):
+    """State of the LETS estimator (:func:`flatjax.estimators.lets`).
+
+    Attributes:
+      count: int32, completed steps.
+      log_rho: α, the learned log-radius (float32 scalar); the next step uses ρ = exp(α).
+      radius_state: the radius optimizer's state (its params are α).
+      radius_skips: int32, radius updates skipped so far because of non-finite values.
+    """
+
+    count: jax.Array
+    log_rho: jax.Array
+    radius_state: optax.OptState
+    radius_skips: jax.Array
+
+
 class LetsState(NamedTuple):
-    """State of :func:`lets`.
+    """State of the Optax form :func:`flatjax.lets`.
 
     Attributes:
       log_rho: α, the learned log-radius (float32 scalar); the next step uses ρ = exp(α).
@@ -182,7 +201,7 @@ def _inner_rule(inner: str, eta, mask, crsam_alpha, crsam_beta) -> _Inner:
             weights=lambda h: (1.0,),
         )
     if inner == "asam":
-        mask_of = perturb.default_adaptive_mask if mask is None else (mask if callable(mask) else lambda w: mask)
+        mask_of = adaptive_mask_of(mask)
         return _Inner(
             signs=(1.0,),
             ascent=lambda g, w, rho, h: perturb.adaptive_ascent(g, w, rho, h["eta"], mask_of(w)),
@@ -208,6 +227,13 @@ def _sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b)
 
 
+@dataclasses.dataclass(frozen=True)
+class LetsEstimator(Estimator):
+    """The LETS estimator; ``base_optimizer`` is the lower-level optimizer its lookahead step uses."""
+
+    base_optimizer: optax.GradientTransformationExtraArgs
+
+
 def lets(
     loss_fn: Callable[..., Any],
     base_optimizer: optax.GradientTransformation,
@@ -222,26 +248,30 @@ def lets(
     hypergradient: str = "fd",
     fd_step: float | None = None,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """LETS (Wang et al., ECML-PKDD 2024): a SAM-family step whose log-radius α is learned on the fly.
+) -> LetsEstimator:
+    """LETS (Wang et al., ECML-PKDD 2024): a SAM-family direction whose log-radius α is learned on the fly.
 
-    Unlike the other flatjax methods, the returned transformation contains the base optimizer (the
-    upper level needs the parameters AFTER the lower-level step): its updates are the FULL parameter
-    updates — apply them with ``optax.apply_updates``; do not chain another optimizer after it::
+    The upper level needs the parameters AFTER the lower-level step, so LETS knows your base optimizer.
+    Estimator form (your loop applies the direction with the SAME base optimizer)::
 
-        tx = flatjax.lets(loss_fn, optax.sgd(0.1, momentum=0.9), inner="sam", rho=0.05)
-        state = tx.init(params)
-        updates, state = tx.update(None, state, params, batch=batch, val_batch=val_batch)
-        params = optax.apply_updates(params, updates)
-        rho_now = jnp.exp(state.log_rho)
+        est = flatjax.estimators.lets(loss_fn, optimizer, inner="sam", rho=0.05)
+        est_state = est.init(params)
+        loss, grads, est_state, info = est.value_and_grad(params, est_state, batch, val_batch=val_batch,
+                                                          base_state=opt_state)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        rho_now = jnp.exp(est_state.log_rho)
 
-    ``update(updates, state, params, *, batch, val_batch, loss_kwargs=None, clean_grad=None)``:
-    ``updates`` is not read (pass None); ``val_batch`` is required (the paper samples it from the
-    TRAINING set, a different mini-batch from ``batch``); ``loss_kwargs`` are used for every pass;
-    ``clean_grad`` (your ∇L_B(w)) replaces the clean pass when ``axis_name`` is None (the step then
-    reports loss = NaN and keeps the previous aux, as in :func:`flatjax.sam`).
+    ``value_and_grad(params, state, batch, *, val_batch, base_state, loss_kwargs=None, clean_grad=None)``:
+    ``val_batch`` is required (the paper samples it from the TRAINING set, a different mini-batch from
+    ``batch``); ``base_state`` is your base optimizer's current state (with Flax NNX:
+    ``nnx.as_pure(optimizer.opt_state)``); ``loss_kwargs`` are used for every pass; ``clean_grad`` (your
+    ∇L_B(w); the device average under ``axis_name``) replaces the clean pass (loss = NaN, aux = None).
+    The returned direction is the inner method's at the radius this step used (``info.diagnostics["rho"]``).
+
+    Optax form ``flatjax.lets(loss_fn, base_optimizer, ...)``: the transformation CONTAINS the base
+    optimizer, so its updates are the full parameter updates (do not chain another optimizer after it);
+    ``tx.update(None, state, params, batch=batch, val_batch=val_batch)``.
 
     With a radius learning rate of 0 the step equals ``optax.chain(flatjax.sam(loss_fn, exp(α₀)),
     base_optimizer)`` (``asam``/``crsam`` likewise). See the module docstring for the math, the
@@ -262,16 +292,17 @@ def lets(
       hypergradient: ``"fd"``, ``"fd_forward"``, ``"exact"``, ``"exact_total"`` or ``"diag"``.
       fd_step: > 0, parameter-space length of the finite-difference displacement (r = fd_step/‖v‖);
         None: 1e-2 for ``"fd"``, 1e-3 for ``"fd_forward"`` (unused by the other modes).
-      has_aux / aux_init: ``loss_fn`` returns ``(loss, aux)``; aux is reported from the clean pass.
-      axis_name: data-parallel axis of an enclosing ``shard_map``: every loss and gradient (hence the
-        hypergradient and α) is averaged over it.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is reported from the clean pass.
+      axis_name: data-parallel axis of an enclosing ``shard_map``/``pmap``: every loss and gradient (hence
+        the hypergradient and α) is averaged over it.
 
-    Reports (:func:`flatjax.step_info`): ``loss``/``aux`` of the clean pass; ``probe_losses`` =
-    [L_B(w), L_B(w+e) (CR-SAM: and L_B(w−e)), L_V(w'), L_B(w')]; diagnostics ``rho`` (the ρ this step
-    used), ``upper_loss`` (F = gap²/2), ``gap`` (L_V(w') − L_B(w')), ``hypergrad`` (dF/dα),
-    ``grad_norm`` (‖g‖) and ``radius_skips`` (cumulative skipped radius updates).
+    Reports: ``loss``/``aux`` of the clean pass; ``probe_losses`` = [L_B(w), L_B(w+e) (CR-SAM: and
+    L_B(w−e)), L_V(w'), L_B(w')]; diagnostics ``rho`` (the ρ this step used), ``upper_loss``
+    (F = gap²/2), ``gap`` (L_V(w') − L_B(w')), ``hypergrad`` (dF/dα), ``grad_norm`` (‖g‖) and
+    ``radius_skips`` (cumulative skipped radius updates).
     """
     check_callable("loss_fn", loss_fn)
+    check_bool("has_aux", has_aux)
     _check_transformation("base_optimizer", base_optimizer)
     check_choice("inner", inner, INNERS)
     check_choice("hypergradient", hypergradient, HYPERGRADIENTS)
@@ -291,72 +322,62 @@ def lets(
     if radius_optimizer is None:
         radius_optimizer = lets_radius_optimizer()
     _check_transformation("radius_optimizer", radius_optimizer)
-    if has_aux and aux_init is None:
-        raise ValueError(
-            "lets: has_aux=True needs aux_init, the initial value of the aux your loss returns "
-            "(e.g. the model's initial batch_stats), so the state has a fixed structure"
-        )
-    if not has_aux and aux_init is not None:
-        raise ValueError("lets: aux_init is only used with has_aux=True")
 
     base = optax.with_extra_args_support(base_optimizer)
     radius_opt = optax.with_extra_args_support(radius_optimizer)
     rule = _inner_rule(inner, eta, mask, crsam_alpha, crsam_beta)
     n_probes = 1 + len(rule.signs) + 2
     alpha0 = jnp.log(jnp.asarray(rho, jnp.float32))
-    aux_template = jax.tree.map(jnp.asarray, aux_init) if has_aux else None
     fd_step = float(fd_step)
 
     def hyper_of(count):
         return {"eta": value_at(eta, count), "crsam_alpha": value_at(crsam_alpha, count),
                 "crsam_beta": value_at(crsam_beta, count)}
 
-    def init_fn(params: PyTree) -> LetsState:
+    def init(params: PyTree) -> LetsEstimatorState:
         alpha = jnp.array(alpha0)
-        info = StepInfo(
-            loss=jnp.zeros((), jnp.float32),
-            probe_losses=jnp.zeros((n_probes,), jnp.float32),
-            aux=jax.tree.map(jnp.array, aux_template),
-            diagnostics={k: jnp.zeros((), jnp.float32) for k in DIAGNOSTICS},
-        )
-        flat = FlatState(count=jnp.zeros((), jnp.int32), key=_raw_key(0), method=(), info=info)
-        return LetsState(
-            log_rho=alpha,
-            radius_state=radius_opt.init(alpha),
-            base_state=base.init(params),
-            radius_skips=jnp.zeros((), jnp.int32),
-            flat=flat,
-        )
+        zero = jnp.zeros((), jnp.int32)
+        return LetsEstimatorState(count=zero, log_rho=alpha, radius_state=radius_opt.init(alpha), radius_skips=zero)
 
-    def update_fn(
-        updates: PyTree,
-        state: LetsState,
-        params: PyTree = None,
+    def value_and_grad(
+        params: PyTree,
+        state: LetsEstimatorState,
+        batch: PyTree,
         *,
-        batch: PyTree = None,
         val_batch: PyTree = None,
+        base_state: optax.OptState = None,
         loss_kwargs: dict | None = None,
         clean_grad: PyTree = None,
-        **unused_extra_args: Any,
     ):
-        del updates  # never read: every pass is evaluated here
-        if params is None:
-            raise ValueError("lets: update needs params: tx.update(None, state, params, batch=..., val_batch=...)")
+        check_state("lets", state, LetsEstimatorState, "est.init(params)")
         if batch is None:
-            raise ValueError("lets: update needs the training mini-batch: tx.update(..., batch=batch)")
+            raise ValueError("lets: value_and_grad needs the training mini-batch")
         if val_batch is None:
             raise ValueError(
-                "lets: update needs the validation mini-batch: tx.update(..., batch=batch, val_batch=val_batch) "
-                "(the paper samples it from the training set: another random mini-batch)"
+                "lets: needs the validation mini-batch val_batch= (the paper samples it from the training set: "
+                "another random mini-batch)"
             )
+        if base_state is None:
+            raise ValueError("lets: needs base_state=, the current state of your base optimizer "
+                             "(the lookahead step w' = w + base.update(d, base_state, w) uses it)")
+        expected = jax.eval_shape(base.init, params)
+        if jax.tree.structure(base_state) != jax.tree.structure(expected):
+            raise ValueError(
+                "lets: base_state does not have the structure of base_optimizer.init(params): pass the state "
+                f"of the same optimizer you apply the direction with (got {jax.tree.structure(base_state)}, "
+                f"expected {jax.tree.structure(expected)})"
+            )
+        check_data_parallel("lets", params, batch, axis_name)
+        if clean_grad is not None:
+            check_like_params("lets", "clean_grad", clean_grad, params)
         ev = Evaluator(loss_fn, has_aux, dict(loss_kwargs or {}), axis_name, "sequential")
-        count = state.flat.count
+        count = state.count
         hyper = hyper_of(count)
         alpha = state.log_rho
         rho_t = jnp.exp(alpha)
 
-        if clean_grad is not None and axis_name is None:
-            loss0, aux0, g = jnp.float32(NAN), None, clean_grad
+        if clean_grad is not None:
+            loss0, aux0, g = jnp.asarray(NAN, compute_dtype(params)), None, clean_grad
         else:
             loss0, aux0, g = ev.value_and_grad(params, batch)
 
@@ -369,21 +390,21 @@ def lets(
             return rule.combine(grads, g, hyper), (jnp.stack([res[0] for res in results]), grads)
 
         def base_step(x):
-            return base.update(x, state.base_state, params)
+            return base.update(x, base_state, params)
 
         one = jnp.ones((), jnp.float32)
         if hypergradient == "exact_total":
 
             def upper_of_alpha(a):
                 d, (point_losses, _) = direction(jnp.exp(a))
-                u, new_base = base_step(d)
+                u, _ = base_step(d)
                 w1 = optax.apply_updates(params, u)
                 lv = ev.value_and_grad(w1, val_batch)[0]
                 lb = ev.value_and_grad(w1, batch)[0]
                 gap = lv - lb
-                return 0.5 * gap * gap, (u, new_base, point_losses, lv, lb, gap)
+                return 0.5 * gap * gap, (d, point_losses, lv, lb, gap)
 
-            upper, hypergrad, (u, new_base_state, point_losses, lv, lb, gap) = jax.jvp(
+            upper, hypergrad, (d, point_losses, lv, lb, gap) = jax.jvp(
                 upper_of_alpha, (alpha,), (one,), has_aux=True
             )
         else:
@@ -407,7 +428,7 @@ def lets(
                     else:
                         dd = jax.tree.map(lambda x: x / r, _sub(d_plus, d))
             dd = cast_like(dd, d)
-            (u, new_base_state), (du, _) = jax.jvp(base_step, (d,), (dd,))
+            (u, _), (du, _) = jax.jvp(base_step, (d,), (dd,))
             w1 = optax.apply_updates(params, u)
             lv, _, gv = ev.value_and_grad(w1, val_batch)
             lb, _, gb = ev.value_and_grad(w1, batch)
@@ -423,20 +444,63 @@ def lets(
         new_radius_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_radius_state, state.radius_state)
         skips = state.radius_skips + jnp.logical_not(ok).astype(jnp.int32)
 
-        aux = state.flat.info.aux if (aux0 is None or not has_aux) else _check_aux(aux0, aux_template)
         diagnostics = {
             "rho": rho_t, "upper_loss": upper, "gap": gap, "hypergrad": hypergrad,
             "grad_norm": global_norm(g), "radius_skips": skips,
         }
-        info = StepInfo(
-            loss=jnp.asarray(loss0, jnp.float32),
-            probe_losses=jnp.concatenate(
-                [jnp.reshape(loss0, (1,)), point_losses, jnp.stack([lv, lb])]).astype(jnp.float32),
-            aux=aux,
-            diagnostics={k: jnp.asarray(diagnostics[k], jnp.float32) for k in DIAGNOSTICS},
+        info = Info(
+            probe_losses=jnp.concatenate([jnp.reshape(jnp.asarray(loss0, jnp.float32), (1,)),
+                                          jnp.asarray(point_losses, jnp.float32),
+                                          jnp.stack([lv, lb]).astype(jnp.float32)]),
+            diagnostics={k: jnp.asarray(diagnostics[k]) for k in DIAGNOSTICS},
         )
-        flat = FlatState(optax.safe_increment(count), state.flat.key, state.flat.method, info)
-        new_state = LetsState(new_alpha, new_radius_state, new_base_state, skips, flat)
+        new_state = LetsEstimatorState(optax.safe_increment(count), new_alpha, new_radius_state, skips)
+        value = (loss0, aux0) if has_aux else loss0
+        return value, cast_like(d, params), new_state, info
+
+    return LetsEstimator(name="lets", init=init, value_and_grad=value_and_grad, has_aux=has_aux,
+                         n_probes=n_probes, diagnostics=DIAGNOSTICS, base_optimizer=base)
+
+
+def lets_transformation(estimator: LetsEstimator, *, aux_init: PyTree = None) -> optax.GradientTransformationExtraArgs:
+    """The Optax form of a LETS estimator: the estimator's direction applied by its base optimizer."""
+    if estimator.has_aux and aux_init is None:
+        raise ValueError(
+            "lets: has_aux=True needs aux_init, the initial value of the aux your loss returns (e.g. the model's "
+            "initial batch_stats), so the Optax state has a fixed structure; the estimator form "
+            "flatjax.estimators.lets returns aux instead"
+        )
+    if not estimator.has_aux and aux_init is not None:
+        raise ValueError("lets: aux_init is only used with has_aux=True")
+    base = estimator.base_optimizer
+    aux_template = jax.tree.map(jnp.asarray, aux_init) if estimator.has_aux else None
+
+    def init_fn(params: PyTree) -> LetsState:
+        est = estimator.init(params)
+        info = empty_info(estimator, aux_template, jnp.float32)
+        flat = FlatState(count=est.count, key=raw_key(0), method=(), info=info)
+        return LetsState(est.log_rho, est.radius_state, base.init(params), est.radius_skips, flat)
+
+    def update_fn(updates, state: LetsState, params: PyTree = None, *, batch: PyTree = None,
+                  val_batch: PyTree = None, loss_kwargs: dict | None = None, clean_grad: PyTree = None,
+                  **unused_extra_args: Any):
+        if params is None:
+            raise ValueError("lets: update needs params: tx.update(None, state, params, batch=..., val_batch=...)")
+        if batch is None:
+            raise ValueError("lets: update needs the training mini-batch: tx.update(..., batch=batch)")
+        if not isinstance(state, LetsState):
+            raise ValueError(f"lets: state must be the LetsState made by tx.init(params), got {type(state).__name__}")
+        updates_as_clean_grad("lets", updates, clean_grad)
+        est = LetsEstimatorState(state.flat.count, state.log_rho, state.radius_state, state.radius_skips)
+        value, d, est, info = estimator.value_and_grad(
+            params, est, batch, val_batch=val_batch, base_state=state.base_state, loss_kwargs=loss_kwargs,
+            clean_grad=clean_grad)
+        u, new_base_state = base.update(d, state.base_state, params)
+        loss, aux = value if estimator.has_aux else (value, None)
+        aux = state.flat.info.aux if aux is None else check_aux("lets", aux, aux_template)
+        new_info = cast_like(StepInfo(loss, info.probe_losses, aux, info.diagnostics), state.flat.info)
+        flat = FlatState(est.count, state.flat.key, state.flat.method, new_info)
+        new_state = LetsState(est.log_rho, est.radius_state, new_base_state, est.radius_skips, flat)
         return cast_like(u, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

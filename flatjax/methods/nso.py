@@ -12,12 +12,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from flatjax.core import perturb
+from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
 from flatjax.core.evaluate import Strategy
-from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.transform import NAN, Direction, StepContext, flat_transformation
+from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, global_norm, scale, weighted_sum
 from flatjax.core.validate import check_choice, check_positive_int, check_range
 
@@ -46,10 +45,9 @@ def wpsgd(
     noise: str = "gaussian",
     seed: Any = 0,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Estimator:
     """Weight-perturbed SGD / randomized smoothing: ``d = (1/k) Σ_i ∇L_B(w + U_i)``.
 
     The one-sided baseline of the NSO paper (Zhang et al., TMLR 2024). ``U_i = σ z_i`` at absolute scale
@@ -61,25 +59,26 @@ def wpsgd(
       k: number of noise draws (≥ 1), evaluated together by the strategy.
       noise: 'gaussian', 'laplace' (Laplace(0, 1/√2)), 'uniform' (U(−√3, √3)) — unit variance before σ —
         or 'filterwise' (RWP's ``σ ‖w_f‖ z``).
-      seed, has_aux, aux_init, strategy, axis_name: as in :func:`flatjax.rwp`.
+      seed, has_aux, strategy, axis_name: as in :func:`rwp`.
 
     Reports: ``loss``/``aux`` from the first perturbed pass (there is no clean pass);
     ``probe_losses`` = [L(w + U_1), ..., L(w + U_k)]; diagnostics ``sigma``, ``noise_norm`` (‖U_1‖).
+    A given ``clean_grad`` is ignored (the rule has no clean gradient).
     """
     _check_common(sigma, k, noise)
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
-        s = value_at(sigma, ctx.count)
+        s = ctx.value(sigma)
         noises = [draw_noise(kk, ctx.params, s, noise) for kk in jax.random.split(ctx.key, k)]
-        out = ctx.probes([add_scaled(ctx.params, u) for u in noises], [ctx.batch] * k)
+        out = ctx.probes(points=[add_scaled(ctx.params, u) for u in noises], batch=ctx.batch)
         d = weighted_sum(out.grads, jnp.full((k,), 1.0 / k))
         aux = jax.tree.map(lambda x: x[0], out.aux)
         diagnostics = {"sigma": s, "noise_norm": global_norm(noises[0])}
         return Direction(d, method_state, out.losses[0], aux, out.losses, diagnostics)
 
-    return flat_transformation(
+    return rule_estimator(
         name="wpsgd", loss_fn=loss_fn, direction=direction, init_method_state=lambda p: (), n_probes=k,
-        diagnostics=("sigma", "noise_norm"), has_aux=has_aux, aux_init=aux_init, seed=seed,
+        diagnostics=("sigma", "noise_norm"), has_aux=has_aux, seed=seed,
         strategy=strategy, axis_name=axis_name, reuse_gradient=False,
     )
 
@@ -93,10 +92,9 @@ def nso(
     noise: str = "gaussian",
     seed: Any = 0,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Estimator:
     """Noise Stability Optimization (Zhang et al., TMLR 2024), two-point antithetic form.
 
     ``d = λ ∇L_B(w) + (1 − λ)/(2k) Σ_i [∇L_B(w + U_i) + ∇L_B(w − U_i)]`` with the SAME ``U_i`` in each
@@ -112,39 +110,40 @@ def nso(
       sigma: σ ≥ 0 (0.01 in the paper's CIFAR scripts; 0.005–0.014 elsewhere).
       lam: 0 ≤ λ ≤ 1, weight of the clean gradient (0).
       k: number of antithetic pairs (≥ 1; the scripts sweep 1–4); the 2k passes are independent.
-      noise, seed, has_aux, aux_init, strategy, axis_name: as in :func:`wpsgd`.
+      noise, seed, has_aux, strategy, axis_name: as in :func:`wpsgd`.
 
     Reports: ``loss``/``aux`` from the clean pass (NaN loss / previous aux when it is skipped);
     ``probe_losses`` = [L(w), L(w + U_1), L(w − U_1), ..., L(w − U_k)] (L(w) NaN when skipped);
     diagnostics ``sigma``, ``noise_norm`` (‖U_1‖), ``lam``, ``pair_curvature`` (mean of
-    L(w+U) + L(w−U) − 2L(w) over pairs ≈ UᵀHU; NaN without the clean pass).
+    L(w+U) + L(w−U) − 2L(w) over pairs ≈ UᵀHU; NaN without the clean pass). A given ``clean_grad`` is
+    ignored (the clean pass also yields L(w) and the aux).
     """
     _check_common(sigma, k, noise)
     check_range("lam", lam, low=0.0, high=1.0)
     clean_pass = has_aux or not (isinstance(lam, (int, float)) and lam == 0)
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
-        s, lam_t = value_at(sigma, ctx.count), value_at(lam, ctx.count)
+        s, lam_t = ctx.value(sigma), ctx.value(lam)
         noises = [draw_noise(kk, ctx.params, s, noise) for kk in jax.random.split(ctx.key, k)]
         points = []
         for u in noises:
             points += [add_scaled(ctx.params, u), add_scaled(ctx.params, u, -1.0)]
         # the 2k perturbed passes form the probe set (an even count: splits over device pairs)
-        out = ctx.probes(points, [ctx.batch] * (2 * k))
+        out = ctx.probes(points=points, batch=ctx.batch)
         d = weighted_sum(out.grads, jnp.full((2 * k,), 1.0 / (2 * k)))
         if clean_pass:
             loss0, aux0, g0 = ctx.value_and_grad(ctx.params, ctx.batch)
             d = add_scaled(scale(d, 1.0 - lam_t), g0, lam_t)
             curvature = jnp.mean(out.losses[0::2] + out.losses[1::2] - 2.0 * loss0)
         else:
-            loss0, aux0, curvature = jnp.float32(NAN), None, jnp.float32(NAN)
+            loss0, aux0, curvature = jnp.asarray(NAN, ctx.dtype), None, jnp.asarray(NAN, ctx.dtype)
         diagnostics = {"sigma": s, "noise_norm": global_norm(noises[0]), "lam": lam_t,
                        "pair_curvature": curvature}
         losses = jnp.concatenate([jnp.stack([loss0]), out.losses])
         return Direction(d, method_state, loss0, aux0, losses, diagnostics)
 
-    return flat_transformation(
+    return rule_estimator(
         name="nso", loss_fn=loss_fn, direction=direction, init_method_state=lambda p: (), n_probes=2 * k + 1,
-        diagnostics=("sigma", "noise_norm", "lam", "pair_curvature"), has_aux=has_aux, aux_init=aux_init,
+        diagnostics=("sigma", "noise_norm", "lam", "pair_curvature"), has_aux=has_aux,
         seed=seed, strategy=strategy, axis_name=axis_name, reuse_gradient=False,
     )

@@ -1,7 +1,7 @@
 """Random weight perturbation: RWP, ARWP, m-RWP, m-ARWP.
 
 Li, Xie, Huang, Yang, "Revisiting Random Weight Perturbation for Efficiently Improving
-Generalization", TMLR 2024 (official code: nblt/mARWP; details in ALGORITHMS.md). Noise is filter-wise
+Generalization", TMLR 2024 (official code: nblt/mARWP). Noise is filter-wise
 Gaussian ``e_f = σ ‖w_f‖ z`` (filter = last axis of a Flax kernel; 1-D leaves as a whole), ARWP divides
 it by ``sqrt(1 + η F_f)`` with ``F_f`` the per-filter sum of the squared-gradient history
 ``s ← β s + g_pert²``. m-RWP mixes a clean and a perturbed gradient, two INDEPENDENT passes that any
@@ -14,17 +14,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from flatjax.core import perturb
+from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
 from flatjax.core.evaluate import Strategy
-from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.transform import NAN, Direction, StepContext, flat_transformation
-from flatjax.core.tree import PyTree, add_scaled, global_norm, index
+from flatjax.core.schedule import ScalarOrSchedule
+from flatjax.core.tree import PyTree, add_scaled, compute_dtype, global_norm, index, up
 from flatjax.core.validate import check_range
 
 
-def _rwp_transformation(
+def _rwp_estimator(
     name: str,
     loss_fn: Callable[..., Any],
     sigma: ScalarOrSchedule,
@@ -34,10 +33,9 @@ def _rwp_transformation(
     *,
     seed: Any,
     has_aux: bool,
-    aux_init: PyTree,
     strategy: Strategy,
     axis_name: str | None,
-):
+) -> Estimator:
     """Shared rule: ``lam is None`` → one perturbed pass; ``eta is None`` → no gradient history."""
     check_range("sigma", sigma, low=0.0)
     adaptive = eta is not None
@@ -51,12 +49,13 @@ def _rwp_transformation(
     def init_method_state(params):
         if not adaptive:
             return ()
-        return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        dtype = compute_dtype(params)
+        return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
 
     def direction(ctx: StepContext, history: PyTree) -> Direction:
-        s = value_at(sigma, ctx.count)
+        s = ctx.value(sigma)
         if adaptive:
-            e = perturb.filterwise_gaussian(ctx.key, ctx.params, s, history, value_at(eta, ctx.count))
+            e = perturb.filterwise_gaussian(ctx.key, ctx.params, s, history, ctx.value(eta))
         else:
             e = perturb.filterwise_gaussian(ctx.key, ctx.params, s)
         perturbed = add_scaled(ctx.params, e)
@@ -65,26 +64,26 @@ def _rwp_transformation(
             loss1, aux1, g1 = ctx.value_and_grad(perturbed, ctx.batch)
             d, loss, aux, losses = g1, loss1, aux1, jnp.stack([loss1])
         else:
-            lam_t = value_at(lam, ctx.count)
+            lam_t = ctx.value(lam)
             if ctx.clean_grad is not None:
-                loss0, aux0, g0 = jnp.float32(NAN), None, ctx.clean_grad
+                loss0, aux0, g0 = jnp.asarray(NAN, ctx.dtype), None, ctx.clean_grad
                 loss1, _, g1 = ctx.value_and_grad(perturbed, ctx.perturbed_batch)
             else:  # the two passes are independent: evaluated together by the strategy
-                out = ctx.probes([ctx.params, perturbed], [ctx.batch, ctx.perturbed_batch])
+                out = ctx.probes(points=[ctx.params, perturbed], batches=[ctx.batch, ctx.perturbed_batch])
                 (loss0, loss1), aux0 = out.losses, index(out.aux, 0)
                 g0, g1 = index(out.grads, 0), index(out.grads, 1)
             d = jax.tree.map(
-                lambda a, b: ((1.0 - lam_t) * a.astype(jnp.float32) + lam_t * b.astype(jnp.float32)).astype(a.dtype),
+                lambda a, b: ((1.0 - lam_t) * up(a) + lam_t * up(b)).astype(a.dtype),
                 g0,
                 g1,
             )
             loss, aux, losses = loss0, aux0, jnp.stack([loss0, loss1])
             diagnostics["lam"] = lam_t
         if adaptive:
-            history = perturb.accumulate_squares(history, g1, value_at(beta, ctx.count))
+            history = perturb.accumulate_squares(history, g1, ctx.value(beta))
         return Direction(d, history, loss, aux, losses, diagnostics)
 
-    return flat_transformation(
+    return rule_estimator(
         name=name,
         loss_fn=loss_fn,
         direction=direction,
@@ -92,7 +91,6 @@ def _rwp_transformation(
         n_probes=2 if mixed else 1,
         diagnostics=("sigma", "noise_norm") + (("lam",) if mixed else ()),
         has_aux=has_aux,
-        aux_init=aux_init,
         seed=seed,
         strategy=strategy,
         axis_name=axis_name,
@@ -102,7 +100,7 @@ def _rwp_transformation(
 
 _COMMON_ARGS_DOC = """
       seed: int seed or PRNG key of the noise stream (step t uses ``fold_in(key, t)``).
-      has_aux / aux_init: ``loss_fn`` returns ``(loss, aux)``; ``aux_init`` is its initial value.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``.
       strategy: 'auto', 'sequential', 'vmap' or ``flatjax.ShardMapProbes(mesh, axis)``.
       axis_name: data-parallel axis of an enclosing ``shard_map`` (gradients averaged over it; every
         device draws the same noise, so the update equals one device on the whole batch)."""
@@ -114,10 +112,9 @@ def rwp(
     *,
     seed: Any = 0,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Estimator:
     """Random Weight Perturbation (Li et al., TMLR 2024): ``d = ∇L_B(w + e)``, filter-wise Gaussian e.
 
     One pass per step, like SGD. ``e_f = σ ‖w_f‖ z`` per output filter (1-D leaves: ``σ(‖p‖ + 1e-16) z``).
@@ -128,10 +125,10 @@ def rwp(
     """ + _COMMON_ARGS_DOC + """
 
     Reports: ``loss``/``aux`` from the perturbed pass (the only one); ``probe_losses`` = [L(w + e)];
-    diagnostics ``sigma``, ``noise_norm``.
+    diagnostics ``sigma``, ``noise_norm``. A given ``clean_grad`` is ignored (no clean gradient in the rule).
     """
-    return _rwp_transformation(
-        "rwp", loss_fn, sigma, None, None, None, seed=seed, has_aux=has_aux, aux_init=aux_init,
+    return _rwp_estimator(
+        "rwp", loss_fn, sigma, None, None, None, seed=seed, has_aux=has_aux,
         strategy=strategy, axis_name=axis_name,
     )
 
@@ -144,10 +141,9 @@ def arwp(
     *,
     seed: Any = 0,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Estimator:
     """Adaptive RWP (Li et al., TMLR 2024): RWP with noise ``/ sqrt(1 + η F_f)``.
 
     ``s ← β s + g_pert²`` per element (no (1−β) factor; the official code), ``F_f`` its per-filter sum
@@ -160,10 +156,10 @@ def arwp(
       beta: 0 < β < 1 (0.99 in the official scripts).
     """ + _COMMON_ARGS_DOC + """
 
-    Reports as :func:`rwp`. State: the float32 history ``s`` (one copy of the parameters).
+    Reports as :func:`rwp`. State: the history ``s`` (one copy of the parameters, in the arithmetic dtype).
     """
-    return _rwp_transformation(
-        "arwp", loss_fn, sigma, None, eta, beta, seed=seed, has_aux=has_aux, aux_init=aux_init,
+    return _rwp_estimator(
+        "arwp", loss_fn, sigma, None, eta, beta, seed=seed, has_aux=has_aux,
         strategy=strategy, axis_name=axis_name,
     )
 
@@ -175,10 +171,9 @@ def mrwp(
     *,
     seed: Any = 0,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Estimator:
     """Mixed RWP (Li et al., TMLR 2024): ``d = λ ∇L_{B1}(w + e) + (1 − λ) ∇L_{B0}(w)``.
 
     The clean pass runs on ``batch`` (B0), the perturbed pass on ``perturbed_batch`` (B1; the official
@@ -195,8 +190,8 @@ def mrwp(
     diagnostics ``sigma``, ``noise_norm``, ``lam``. A given ``clean_grad`` (on B0) replaces the
     clean pass.
     """
-    return _rwp_transformation(
-        "mrwp", loss_fn, sigma, lam, None, None, seed=seed, has_aux=has_aux, aux_init=aux_init,
+    return _rwp_estimator(
+        "mrwp", loss_fn, sigma, lam, None, None, seed=seed, has_aux=has_aux,
         strategy=strategy, axis_name=axis_name,
     )
 
@@ -210,10 +205,9 @@ def marwp(
     *,
     seed: Any = 0,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Estimator:
     """Mixed adaptive RWP (Li et al., TMLR 2024): m-RWP with ARWP's history-scaled noise.
 
     Only the perturbed gradient enters the history ``s``. Defaults of the official m-ARWP script:
@@ -229,7 +223,7 @@ def marwp(
 
     Reports as :func:`mrwp`.
     """
-    return _rwp_transformation(
-        "marwp", loss_fn, sigma, lam, eta, beta, seed=seed, has_aux=has_aux, aux_init=aux_init,
+    return _rwp_estimator(
+        "marwp", loss_fn, sigma, lam, eta, beta, seed=seed, has_aux=has_aux,
         strategy=strategy, axis_name=axis_name,
     )

@@ -1,4 +1,4 @@
-"""SAM and ASAM, with m-sharpness and data-parallel (global or per-device) perturbations.
+"""SAM and ASAM (estimator form), with m-sharpness and data-parallel (global or per-device) perturbations.
 
 * SAM: Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
   Generalization", ICLR 2021.
@@ -12,14 +12,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from flatjax.core import perturb
+from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
 from flatjax.core.evaluate import Strategy
-from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.transform import NAN, Direction, StepContext, flat_transformation
+from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, global_norm, index, weighted_sum
-from flatjax.core.validate import check_positive_int, check_range
+from flatjax.core.validate import check_bool, check_positive_int, check_range
 
 # ascent(grad, params, hyper) -> perturbation e
 Ascent = Callable[[PyTree, PyTree, dict], PyTree]
@@ -45,15 +44,15 @@ def _mean_aux(aux: PyTree) -> PyTree:
     )
 
 
-def _sam_direction(ascent: Ascent, hyper_of: Callable[[jax.Array], dict], m: int | None, per_device: bool):
+def _sam_direction(ascent: Ascent, hyper_of: Callable[[StepContext], dict], m: int | None, per_device: bool):
     """The two-pass SAM-family rule ``d = ∇L(w + e(∇L(w)))``, per group of ``m`` examples if ``m``."""
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
-        hyper = hyper_of(ctx.count)
+        hyper = hyper_of(ctx)
         reduce = not per_device  # per-device perturbation: ascent from the local gradient
         if m is None:
             if ctx.clean_grad is not None:
-                loss0, aux0, g = jnp.float32(NAN), None, ctx.clean_grad
+                loss0, aux0, g = jnp.asarray(NAN, ctx.dtype), None, ctx.clean_grad
             else:
                 loss0, aux0, g = ctx.value_and_grad(ctx.params, ctx.batch, reduce=reduce)
                 if per_device:  # report the mean clean loss; the ascent used the local gradient
@@ -63,10 +62,10 @@ def _sam_direction(ascent: Ascent, hyper_of: Callable[[jax.Array], dict], m: int
             grad_norm = global_norm(g)
         else:
             groups = _split_groups(ctx.batch, m)
-            clean = ctx.probes([ctx.params] * len(groups), groups, reduce=False)
+            clean = ctx.probes(params=ctx.params, batches=groups, reduce=False)
             es = jax.vmap(lambda g: ascent(g, ctx.params, hyper))(clean.grads)
             points = [add_scaled(ctx.params, index(es, i)) for i in range(len(groups))]
-            pert = ctx.probes(points, groups, reduce=False)
+            pert = ctx.probes(points=points, batches=groups, reduce=False)
             d = weighted_sum(pert.grads, jnp.full((len(groups),), 1.0 / len(groups)))
             loss0, loss1, aux0 = jnp.mean(clean.losses), jnp.mean(pert.losses), _mean_aux(clean.aux)
             grad_norm = jnp.mean(jax.vmap(global_norm)(clean.grads))
@@ -79,11 +78,24 @@ def _sam_direction(ascent: Ascent, hyper_of: Callable[[jax.Array], dict], m: int
     return direction
 
 
-def _sam_family(name, loss_fn, ascent, hyper_of, *, m, axis_name, per_device, has_aux, aux_init, strategy):
+def sam_family(name: str, loss_fn: Callable[..., Any], ascent: Ascent, hyper_of: Callable[[StepContext], dict],
+               *, m: int | None, axis_name: str | None, per_device: bool, has_aux: bool,
+               strategy: Strategy) -> Estimator:
+    """An estimator of the two-pass SAM family from its ascent rule ``e = ascent(g, w, hyper)``.
+
+    The building block of :func:`sam` and :func:`asam`: ``hyper_of(ctx)`` returns the step's
+    hyper-parameters (with ``"rho"``); ``ascent`` maps the clean gradient to the perturbation.
+    """
     check_positive_int("m", m, allow_none=True)
+    check_bool("per_device", per_device)
     if per_device and axis_name is None:
         raise ValueError(f"{name}: per_device=True needs axis_name (the data-parallel mesh axis)")
-    return flat_transformation(
+    rejects = None
+    if m is not None:
+        rejects = "with m-sharpness (m set) the ascent needs each group's own gradient"
+    elif per_device:
+        rejects = "per_device=True perturbs with each device's own gradient, computed here"
+    return rule_estimator(
         name=name,
         loss_fn=loss_fn,
         direction=_sam_direction(ascent, hyper_of, m, per_device),
@@ -91,11 +103,11 @@ def _sam_family(name, loss_fn, ascent, hyper_of, *, m, axis_name, per_device, ha
         n_probes=2,
         diagnostics=("rho", "grad_norm"),
         has_aux=has_aux,
-        aux_init=aux_init,
         seed=0,
         strategy=strategy,
         axis_name=axis_name,
-        reuse_gradient=m is None and axis_name is None,
+        reuse_gradient=m is None and not per_device,
+        rejects_clean_grad=rejects,
     )
 
 
@@ -107,38 +119,40 @@ def sam(
     axis_name: str | None = None,
     per_device: bool = False,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
-) -> optax.GradientTransformationExtraArgs:
-    """Sharpness-Aware Minimization (Foret et al., ICLR 2021) as an Optax transformation.
+) -> Estimator:
+    """Sharpness-Aware Minimization (Foret et al., ICLR 2021).
 
     ``g = ∇L_B(w)``, ``e = ρ g / (‖g‖ + 1e-12)``, direction ``d = ∇L_B(w + e)``. A zero gradient gives
-    ``e = 0`` (no NaN). Chain a base optimizer after it, e.g.
-    ``optax.chain(flatjax.sam(loss_fn, 0.05), optax.sgd(0.1, momentum=0.9))``.
+    ``e = 0`` (no NaN).
 
     Args:
       loss_fn: ``loss_fn(params, batch, **loss_kwargs) -> loss`` or ``(loss, aux)``.
       rho: radius ρ ≥ 0 (float or schedule of the step count). Papers: 0.05 CIFAR-10, 0.1–0.2 CIFAR-100.
       m: m-sharpness group size: each group of ``m`` consecutive examples gets its own ascent step, and
         ``d`` is the mean of the group directions (the batch size must be a multiple of ``m``).
-      axis_name: data-parallel axis when the step runs inside ``shard_map`` with the batch sharded; the
-        gradients are averaged over it (parameters are made device-varying first, so the scale is right).
+      axis_name: data-parallel axis when the step runs inside ``shard_map``/``pmap`` with the batch
+        sharded; the gradients are averaged over it (parameters are made device-varying first, so the
+        scale is right).
       per_device: with ``axis_name``: each device perturbs with its own local gradient (m-sharpness with
         m = per-device batch, the google-research/sam default); otherwise the global gradient is used.
-      has_aux / aux_init: ``loss_fn`` returns ``(loss, aux)``; ``aux_init`` is its initial value.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``.
       strategy: how m-sharpness groups are evaluated: 'auto', 'sequential', 'vmap', ShardMapProbes.
 
     Reports: ``loss``/``aux`` from the unperturbed pass (mean over groups with ``m``); ``probe_losses``
-    = [L(w), L(w + e)]; diagnostics ``rho``, ``grad_norm`` (‖g‖). Reuses a given ``clean_grad`` when
-    neither ``m`` nor ``axis_name`` is set.
+    = [L(w), L(w + e)]; diagnostics ``rho``, ``grad_norm`` (‖g‖). A given ``clean_grad`` (the device
+    average under ``axis_name``) replaces the clean pass; with ``m`` or ``per_device`` it raises.
+
+    Example::
+
+        est = flatjax.estimators.sam(loss_fn, rho=0.05)              # your loop
+        tx = optax.chain(flatjax.sam(loss_fn, rho=0.05), optax.sgd(0.1, momentum=0.9))   # Optax form
     """
     check_range("rho", rho, low=0.0)
     ascent = lambda g, w, h: perturb.normalized_ascent(g, h["rho"])  # noqa: E731
-    hyper_of = lambda count: {"rho": value_at(rho, count)}  # noqa: E731
-    return _sam_family(
-        "sam", loss_fn, ascent, hyper_of, m=m, axis_name=axis_name, per_device=per_device,
-        has_aux=has_aux, aux_init=aux_init, strategy=strategy,
-    )
+    hyper_of = lambda ctx: {"rho": ctx.value(rho)}  # noqa: E731
+    return sam_family("sam", loss_fn, ascent, hyper_of, m=m, axis_name=axis_name, per_device=per_device,
+                      has_aux=has_aux, strategy=strategy)
 
 
 def asam(
@@ -151,9 +165,8 @@ def asam(
     axis_name: str | None = None,
     per_device: bool = False,
     has_aux: bool = False,
-    aux_init: PyTree = None,
     strategy: Strategy = "auto",
-) -> optax.GradientTransformationExtraArgs:
+) -> Estimator:
     """Adaptive SAM (Kwon et al., ICML 2021): ``e = ρ T² g / (‖T g‖ + 1e-12)``, ``T = |w| + η``.
 
     ``T`` is applied to the leaves selected by ``mask`` (default: kernels, norm scales and embeddings —
@@ -164,21 +177,24 @@ def asam(
       rho: radius ρ ≥ 0 (about 10× SAM's: 0.5 CIFAR-10, 1.0 CIFAR-100).
       eta: η ≥ 0, the offset in ``T = |w| + η`` (0.01).
       mask: pytree of bools like params, or a callable ``params -> mask``; None for the default.
-      m, axis_name, per_device, has_aux, aux_init, strategy: as in :func:`sam`.
+      m, axis_name, per_device, has_aux, strategy: as in :func:`sam`.
 
     Reports as :func:`sam`.
     """
     check_range("rho", rho, low=0.0)
     check_range("eta", eta, low=0.0)
-    mask_of = mask if callable(mask) else (lambda params: mask)
-    if mask is None:
-        mask_of = perturb.default_adaptive_mask
+    mask_of = adaptive_mask_of(mask)
 
     def ascent(g, w, h):
         return perturb.adaptive_ascent(g, w, h["rho"], h["eta"], mask_of(w))
 
-    hyper_of = lambda count: {"rho": value_at(rho, count), "eta": value_at(eta, count)}  # noqa: E731
-    return _sam_family(
-        "asam", loss_fn, ascent, hyper_of, m=m, axis_name=axis_name, per_device=per_device,
-        has_aux=has_aux, aux_init=aux_init, strategy=strategy,
-    )
+    hyper_of = lambda ctx: {"rho": ctx.value(rho), "eta": ctx.value(eta)}  # noqa: E731
+    return sam_family("asam", loss_fn, ascent, hyper_of, m=m, axis_name=axis_name, per_device=per_device,
+                      has_aux=has_aux, strategy=strategy)
+
+
+def adaptive_mask_of(mask: PyTree | Callable[[PyTree], PyTree] | None) -> Callable[[PyTree], PyTree]:
+    """ASAM's ``mask`` argument as a function of the parameters (None: the default adaptive leaves)."""
+    if mask is None:
+        return perturb.default_adaptive_mask
+    return mask if callable(mask) else (lambda params: mask)

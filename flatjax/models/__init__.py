@@ -3,7 +3,8 @@
 Build by name with :func:`create` (see :func:`available`); inputs are NHWC and conv
 kernels are ``(kh, kw, in, out)``. For the optimizers, turn a model into
 ``(graphdef, params, model_state)`` with :func:`split_model` and a pure ``apply`` with
-:func:`make_apply` (see :mod:`flatjax.models.functional`).
+:func:`make_apply` (see :mod:`flatjax.models.functional`); in an NNX loop, :func:`pure_loss` and
+:func:`value_and_grad` run a flatjax estimator on the module directly.
 """
 
 from flatjax.models.functional import (
@@ -11,7 +12,10 @@ from flatjax.models.functional import (
     make_apply,
     make_loss_fn,
     merge_model,
+    params_of,
+    pure_loss,
     split_model,
+    value_and_grad,
 )
 from flatjax.models.mlp import MLP
 from flatjax.models.pyramidnet import PyramidNet
@@ -34,5 +38,8 @@ __all__ = [
     "make_apply",
     "make_loss_fn",
     "merge_model",
+    "params_of",
+    "pure_loss",
     "split_model",
+    "value_and_grad",
 ]

@@ -160,6 +160,92 @@ def make_loss_fn(
     return loss_fn
 
 
+def pure_loss(loss: Callable[[nnx.Module, Any], jax.Array], model: nnx.Module, *, train: bool = True
+              ) -> Callable[..., tuple[jax.Array, Any]]:
+    """A flatjax ``loss_fn`` from an NNX loss written against the module (no hand-written split/merge).
+
+    Args:
+      loss: ``loss(model, batch) -> scalar`` as in any NNX training loop.
+      model: the module (only its graph structure is kept).
+      train: run the module in train mode (batch statistics, dropout on); False for eval mode.
+
+    Returns:
+      ``loss_fn(params, batch, model_state, dropout_key=None) -> (loss, new_model_state)`` over the
+      ``nnx.Param`` state and the rest of the module's state (BatchNorm statistics, RNG counters): use it
+      with ``has_aux=True``, and with :func:`value_and_grad`, which does the splitting in your step::
+
+          est = flatjax.estimators.sam(flatjax.models.pure_loss(loss, model), rho=0.05, has_aux=True)
+    """
+    if not isinstance(model, nnx.Module):
+        raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
+    if not callable(loss):
+        raise ValueError(f"loss must be callable as loss(model, batch), got {type(loss).__name__}")
+    graphdef = nnx.graphdef(model)
+
+    def loss_fn(params, batch, model_state, dropout_key: jax.Array | None = None):
+        module = nnx.merge(graphdef, params, model_state)
+        module = nnx.view(module, deterministic=not train, use_running_average=not train,
+                          raise_if_not_found=False)
+        if dropout_key is not None:
+            nnx.reseed(module, dropout=dropout_key, default=dropout_key)
+        value = loss(module, batch)
+        return value, nnx.as_pure(nnx.state(module, nnx.Not(nnx.Param)))
+
+    return loss_fn
+
+
+def params_of(model: nnx.Module) -> Any:
+    """The module's ``nnx.Param`` arrays as the pure ``nnx.State`` the estimators work on."""
+    return nnx.as_pure(nnx.state(model, nnx.Param))
+
+
+def value_and_grad(estimator: Any, model: nnx.Module, est_state: Any, batch: Any, *,
+                   optimizer: nnx.Optimizer | None = None, dropout_key: jax.Array | None = None, **kwargs: Any):
+    """Run a flatjax estimator on an NNX module inside your (``nnx.jit``) step.
+
+    Splits the module, evaluates the method's passes with the loss from :func:`pure_loss`, writes the
+    clean pass's non-parameter state (BatchNorm statistics) back into ``model``, and returns gradients
+    that ``nnx.Optimizer.update(model, grads)`` accepts::
+
+        est = flatjax.estimators.sam(flatjax.models.pure_loss(loss, model), rho=0.05, has_aux=True)
+        est_state = est.init(flatjax.models.params_of(model))
+
+        @nnx.jit
+        def train_step(model, optimizer, est_state, batch):
+            loss, grads, est_state, info = flatjax.models.value_and_grad(est, model, est_state, batch)
+            optimizer.update(model, grads)
+            return loss, est_state
+
+    Args:
+      estimator: a flatjax estimator over :func:`pure_loss` (``has_aux=True``).
+      model: the module; its non-parameter state is updated in place.
+      est_state: the estimator's state.
+      batch: the mini-batch.
+      optimizer: your ``nnx.Optimizer``; LETS needs it (its lookahead uses the optimizer's state).
+      dropout_key: reseeds the dropout streams for this step (otherwise they continue from the module's).
+      **kwargs: further estimator arguments (``perturbed_batch``, ``val_batch``, ``key`` ...).
+
+    Returns:
+      ``(loss, grads, est_state, info)``; ``grads`` is an ``nnx.State`` of ``nnx.Param`` like the module's.
+    """
+    if not getattr(estimator, "has_aux", False):
+        raise ValueError("value_and_grad: build the estimator with has_aux=True over flatjax.models.pure_loss(...)")
+    variables = nnx.state(model, nnx.Param)
+    params = nnx.as_pure(variables)
+    model_state = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+    if hasattr(estimator, "base_optimizer") and "base_state" not in kwargs:
+        if optimizer is None:
+            raise ValueError("value_and_grad: LETS needs optimizer=, your nnx.Optimizer (its state is the lookahead's)")
+        kwargs["base_state"] = nnx.as_pure(optimizer.opt_state)
+    loss_kwargs = {**kwargs.pop("loss_kwargs", {}), "model_state": model_state, "dropout_key": dropout_key}
+    (loss, new_state), grads, est_state, info = estimator.value_and_grad(
+        params, est_state, batch, loss_kwargs=loss_kwargs, **kwargs)
+    if new_state is not None:  # None when a given clean gradient replaced the clean pass
+        nnx.update(model, new_state)
+    grads = jax.tree.unflatten(jax.tree.structure(variables), jax.tree.leaves(grads))
+    return loss, grads, est_state, info
+
+
 def count_params(tree_or_model: Any) -> int:
     """Counts scalar parameters.
 
