@@ -168,6 +168,8 @@ def make_train_step(cfg: TrainConfig, loss_fn: Callable, tx: Any, mesh: Any, rep
                                            **second)
             info = flatjax.step_info(opt_state)
             loss, new_ms = info.loss, info.aux
+        # a skipped (non-finite) step keeps the model state too: its statistics may be NaN
+        new_ms = jax.tree.map(lambda n, o: jnp.where(opt_state.last_finite, n, o), new_ms, model_state)
         out = optax.apply_updates(params, updates), new_ms, opt_state, loss
         if axis is not None:
             # per-device values (loss, BN statistics, per-device diagnostics) -> their mean over devices
@@ -319,6 +321,16 @@ def _batches(it: fdata.BatchIterator, epoch: int, start: int, per_update: int,
         yield b0, b1
 
 
+class NonFiniteRunError(RuntimeError):
+    """A run stopped because its updates kept being non-finite (every one skipped)."""
+
+
+#: Consecutive skipped (non-finite) updates after which a run stops with :class:`NonFiniteRunError`.
+MAX_CONSECUTIVE_SKIPS = 10
+#: A finished run with more skipped updates than this fraction makes the CLI exit non-zero.
+MAX_SKIPPED_FRACTION = 0.05
+
+
 def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int | None = None,
               resume: bool = False, ckpt_every: int = 0, devices: int = 0, data_dir: str | None = None,
               progress: bool = True, model_kwargs: dict | None = None, per_device: bool = False,
@@ -427,6 +439,15 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
             t0 = time.perf_counter()
             params, model_state, opt_state, loss = step_fn(params, model_state, opt_state, put(b0), put(b1), key)
             last_loss = float(loss)  # waits for the step
+            consecutive = int(opt_state.notfinite_count)
+            if consecutive >= MAX_CONSECUTIVE_SKIPS:
+                bar.close()
+                ckpt.close()
+                raise NonFiniteRunError(
+                    f"{cfg.name}: stopped at update {step + 1}: the last {consecutive} updates were non-finite "
+                    f"(NaN/Inf in the loss or gradients) and were skipped; {int(opt_state.total_notfinite)} "
+                    "skipped in all. Check the learning rate and the method's hyper-parameters (e.g. --lr nan "
+                    "or a radius/noise scale far too large) and the data.")
             dt = time.perf_counter() - t0
             if compile_s == 0.0:
                 compile_s = dt  # the first call of this process compiles
@@ -493,12 +514,12 @@ def results_table(results: Sequence[dict], title: str = "") -> str:
     sgd = next((r["step_ms"] for r in results if r["method"] == "sgd"), None)
     lines = [f"### {title}", ""] if title else []
     lines += ["| config | method | steps | train loss | test loss | test acc | s / epoch | ms / step | "
-              "step / SGD |", "|---|---|---|---|---|---|---|---|---|"]
+              "step / SGD | skipped |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = f"{r['step_ms'] / sgd:.2f}" if sgd and math.isfinite(r["step_ms"] / sgd) else "-"
         lines.append(f"| {r['config']} | {r['method']} | {r['steps']} | {r['train_loss']:.4f} | "
                      f"{r['test_loss']:.4f} | {r['test_acc']:.4f} | {_num(r['epoch_seconds'])} | "
-                     f"{_num(r['step_ms'])} | {ratio} |")
+                     f"{_num(r['step_ms'])} | {ratio} | {r.get('skipped_steps', 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -575,10 +596,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     mkw = {"hidden": tuple(args.hidden)} if args.hidden is not None else None
     results = []
     for cfg in cfgs:
-        results.append(train_one(cfg, out / cfg.name, seed=args.seed, max_steps=args.steps, resume=args.resume,
-                                 ckpt_every=args.ckpt_every, devices=args.devices, data_dir=args.data_dir,
-                                 progress=not args.no_progress, model_kwargs=mkw, per_device=args.per_device,
-                                 eval_every=args.eval_every, probe_devices=args.probe_devices))
+        try:
+            results.append(train_one(cfg, out / cfg.name, seed=args.seed, max_steps=args.steps,
+                                     resume=args.resume, ckpt_every=args.ckpt_every, devices=args.devices,
+                                     data_dir=args.data_dir, progress=not args.no_progress, model_kwargs=mkw,
+                                     per_device=args.per_device, eval_every=args.eval_every,
+                                     probe_devices=args.probe_devices))
+        except NonFiniteRunError as err:
+            raise SystemExit(f"error: {err}") from None
     title = (f"{', '.join(sorted({c.dataset for c in cfgs}))} / {', '.join(sorted({c.model for c in cfgs}))}, "
              f"jax {jax.__version__} on {jax.default_backend()} x{args.devices or jax.device_count()}")
     table = results_table(results, title)
@@ -587,6 +612,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                                   for r in results], indent=1))
     print(table)
     print(f"wrote {out}/", file=sys.stderr)
+    bad = [r for r in results if r["skipped_steps"] > MAX_SKIPPED_FRACTION * max(r["steps"], 1)]
+    if bad:
+        raise SystemExit("error: too many skipped (non-finite) updates: " + ", ".join(
+            f"{r['config']} {r['skipped_steps']} of {r['steps']}" for r in bad)
+            + f" (more than {MAX_SKIPPED_FRACTION:.0%}); the results above are not trustworthy")
     return results
 
 

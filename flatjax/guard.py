@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flatjax.core.transform import FlatState
 from flatjax.core.tree import PyTree, is_finite
 
 
@@ -20,16 +21,32 @@ class SkipNonfiniteState(NamedTuple):
     inner_state: Any
 
 
+def _keep_or_advance(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where ``ok``, else ``old`` — except each flatjax method's step count and last StepInfo,
+    which always take the new values (a fresh noise draw next step; the skipped step's measurements)."""
+    keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
+
+    def pick(n, o):
+        if isinstance(n, FlatState):
+            return FlatState(count=n.count, key=o.key, method=jax.tree.map(keep, n.method, o.method), info=n.info)
+        return jax.tree.map(keep, n, o)
+
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, FlatState))
+
+
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Run ``inner`` and apply its result only when the produced updates are all finite.
 
     ``optax.apply_if_finite`` checks the gradients handed IN; a flatjax method computes its own
     gradients (at perturbed points too), so a NaN/Inf can appear only inside it. This wrapper checks the
     updates coming OUT of ``inner`` (e.g. ``optax.chain(flatjax.marwp(...), optax.sgd(...))``): on a
-    non-finite step it returns zero updates and keeps the previous inner state (momentum, ARWP history,
-    step count — so the noise stream and schedules do not advance), and counts the skip. Unlike
-    ``apply_if_finite`` it never applies a non-finite update after many failures: watch
-    ``notfinite_count``.
+    non-finite step it returns zero updates, keeps the previous inner state (momentum, ARWP history,
+    LETS's radius, the base optimizer's count) and counts the skip. The flatjax method's own step count
+    still advances, so the next step draws FRESH noise (a NaN caused by one noise draw is not repeated
+    for ever) and its schedules see attempted steps; :func:`flatjax.step_info` then reports the skipped
+    step's measurements (e.g. its NaN loss), so do not take BatchNorm statistics from it without checking
+    ``last_finite``. Unlike ``apply_if_finite`` it never applies a non-finite update: watch
+    ``notfinite_count`` (consecutive skips) and stop a run where it keeps growing.
     """
     inner = optax.with_extra_args_support(inner)
 
@@ -40,9 +57,8 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     def update_fn(updates, state: SkipNonfiniteState, params=None, **extra_args):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         ok = is_finite(new_updates)
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-        new_inner = jax.tree.map(keep, new_inner, state.inner_state)
+        new_inner = _keep_or_advance(ok, new_inner, state.inner_state)
         bad = jnp.logical_not(ok).astype(jnp.int32)
         return new_updates, SkipNonfiniteState(
             notfinite_count=(state.notfinite_count + bad) * bad,

@@ -181,7 +181,8 @@ def test_apply_if_finite_with_clean_gradient_skips_nan_batches(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_skip_nonfinite_guards_nan_inside_the_method(name):
-    """flatjax.skip_nonfinite checks the produced updates: params and every state stay untouched."""
+    """flatjax.skip_nonfinite checks the produced updates: params, momentum and the method's own state
+    stay untouched; only the method's step count advances (fresh noise next step)."""
     params, batch = mlp_params(), make_batch()
     bad = {"x": batch["x"].at[0, 0].set(jnp.inf), "y": batch["y"]}
     tx = flatjax.skip_nonfinite(optax.chain(FACTORIES[name](), optax.sgd(0.1, momentum=0.9)))
@@ -191,7 +192,34 @@ def test_skip_nonfinite_guards_nan_inside_the_method(name):
     updates, state = step(params, good_state, bad)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(updates))
     assert int(state.notfinite_count) == 1 and int(state.total_notfinite) == 1
-    assert_tree_close(state.inner_state, good_state.inner_state)
+    assert_tree_close(state.inner_state[1], good_state.inner_state[1])  # momentum
+    assert_tree_close(state.inner_state[0].method, good_state.inner_state[0].method)
+    np.testing.assert_array_equal(state.inner_state[0].key, good_state.inner_state[0].key)
+    assert int(state.inner_state[0].count) == 2
+    # the skipped step's own measurements are reported (not the previous step's): D2
+    est, flat = getattr(flatjax.estimators, name)(mlp_loss), good_state.inner_state[0]
+    _, _, _, info = est.value_and_grad(params, flatjax.estimators.EstimatorState(flat.count, flat.key, flat.method), bad)
+    np.testing.assert_allclose(flatjax.step_info(state).probe_losses, info.probe_losses, rtol=1e-6)
     updates, state = step(params, state, batch)  # recovers
     assert int(state.notfinite_count) == 0 and bool(state.last_finite)
-    assert int(state.inner_state[0].count) == 2
+    assert int(state.inner_state[0].count) == 3
+
+
+def test_d1_skipped_noise_step_draws_fresh_noise():
+    """D1: a NaN caused by one noise draw must not repeat for ever under skip_nonfinite."""
+    params = mlp_params()
+    w00 = params["dense0"]["kernel"][0, 0]
+
+    def loss(p, b):  # NaN (value and gradient) whenever w[0,0] is perturbed upward
+        return mlp_loss(p, b) + 1e-3 * jnp.sqrt(1e-9 - (p["dense0"]["kernel"][0, 0] - w00))
+
+    tx = flatjax.skip_nonfinite(optax.chain(flatjax.rwp(loss, sigma=0.01, seed=1), optax.sgd(0.05)))
+    state, p = tx.init(params), params
+    step = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b))
+    applied = 0
+    for i in range(20):
+        u, state = step(p, state, make_batch(seed=i))
+        applied += int(state.last_finite)
+        p = optax.apply_updates(p, u)
+    assert int(state.inner_state[0].count) == 20  # the method's count advanced on every step
+    assert 0 < applied < 20 and int(state.total_notfinite) == 20 - applied

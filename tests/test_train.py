@@ -144,3 +144,10 @@ def test_paper_configs_are_listed(capsys):
                  "cifar100_resnet18_nso", "digits_mlp_sgd"):
         assert name in out
     assert configs.get_config("cifar100_resnet18_marwp").two_batches
+
+
+def test_d2_run_whose_updates_are_all_skipped_exits_nonzero(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.main(["--method", "sam", "--lr", "nan", "--steps", "20", "--hidden", "16", "--no-progress",
+                    "--out", str(tmp_path)])
+    assert "non-finite" in str(err.value.code) and "skipped" in str(err.value.code)

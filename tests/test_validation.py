@@ -99,3 +99,10 @@ def test_cosine_increasing_validation_and_values():
     assert float(sched(50)) == pytest.approx(0.001 * 6.0)
     assert float(sched(100)) == pytest.approx(0.011)
     assert float(sched(1000)) == pytest.approx(0.011)
+
+
+@pytest.mark.parametrize("factory, arg", [(flatjax.arwp, "eta"), (flatjax.arwp, "beta"), (flatjax.marwp, "eta"),
+                                          (flatjax.marwp, "lam"), (flatjax.mrwp, "lam")])
+def test_d4_none_does_not_silently_select_another_variant(factory, arg):
+    with pytest.raises(ValueError, match=f"{arg} must be a number"):
+        factory(mlp_loss, **{arg: None})

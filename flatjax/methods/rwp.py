@@ -23,6 +23,14 @@ from flatjax.core.tree import PyTree, add_scaled, compute_dtype, global_norm, in
 from flatjax.core.validate import check_range
 
 
+def _require(name: str, **values: Any) -> None:
+    """``None`` would silently select another variant (e.g. ``arwp(eta=None)`` is RWP): raise instead."""
+    for arg, value in values.items():
+        if value is None:
+            raise ValueError(f"{name}: {arg} must be a number or a schedule, got None (it selects the variant: "
+                             f"use flatjax.rwp / mrwp / arwp for the method without it)")
+
+
 def _rwp_estimator(
     name: str,
     loss_fn: Callable[..., Any],
@@ -158,6 +166,7 @@ def arwp(
 
     Reports as :func:`rwp`. State: the history ``s`` (one copy of the parameters, in the arithmetic dtype).
     """
+    _require("arwp", eta=eta, beta=beta)
     return _rwp_estimator(
         "arwp", loss_fn, sigma, None, eta, beta, seed=seed, has_aux=has_aux,
         strategy=strategy, axis_name=axis_name,
@@ -190,6 +199,7 @@ def mrwp(
     diagnostics ``sigma``, ``noise_norm``, ``lam``. A given ``clean_grad`` (on B0) replaces the
     clean pass.
     """
+    _require("mrwp", lam=lam)
     return _rwp_estimator(
         "mrwp", loss_fn, sigma, lam, None, None, seed=seed, has_aux=has_aux,
         strategy=strategy, axis_name=axis_name,
@@ -223,6 +233,7 @@ def marwp(
 
     Reports as :func:`mrwp`.
     """
+    _require("marwp", lam=lam, eta=eta, beta=beta)
     return _rwp_estimator(
         "marwp", loss_fn, sigma, lam, eta, beta, seed=seed, has_aux=has_aux,
         strategy=strategy, axis_name=axis_name,
