@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +41,11 @@ from flatjax import sharpness as S
 from flatjax.sharpness import plots
 
 MODELS = ("mlp",)
+PROG = "python -m experiments.sharpness_report"
+#: the accepted ``--params`` layout, quoted in every error about the file's contents
+PARAMS_LAYOUT = ("a Flax params dict {'Dense_0': {'kernel': (64, H1), 'bias': (H1,)}, ..., "
+                 "'Dense_L': {'kernel': (H_L, 10), 'bias': (10,)}} of finite floating-point arrays "
+                 "(optionally wrapped in {'params': ...})")
 
 
 def load_digits_split(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -116,22 +123,90 @@ def train_mlp(model: Any, loss_fn: Any, train: dict[str, np.ndarray], steps: int
 
 
 def load_params(path: str) -> dict[str, Any]:
-    """Read a msgpack params file (``flax.serialization.msgpack_serialize``) for ``--model mlp``."""
+    """Read a msgpack params file (``flax.serialization.msgpack_serialize``) for ``--model mlp``.
+
+    Raises:
+      ValueError: naming ``--params`` and the file, if it is not a flax msgpack file or does not
+        hold :data:`PARAMS_LAYOUT` (the message names the offending key or leaf).
+    """
     from flax import serialization
 
     with open(path, "rb") as f:
-        tree = serialization.msgpack_restore(f.read())
+        raw = f.read()
+    try:
+        tree = serialization.msgpack_restore(raw)
+    except Exception as err:  # msgpack raises ExtraData, ValueError, TypeError, ... on foreign bytes
+        raise ValueError(f"--params {path} is not a flax msgpack file (write it with "
+                         f"flax.serialization.msgpack_serialize(params)); reading it failed with "
+                         f"{type(err).__name__}: {err}") from None
+    return jax.tree.map(jnp.asarray, check_mlp_params(tree, f"--params {path}"))
+
+
+def check_mlp_params(tree: Any, where: str = "params") -> dict[str, Any]:
+    """Check that ``tree`` is the digits MLP's params (:data:`PARAMS_LAYOUT`); returns it unwrapped.
+
+    Everything is checked here, right after loading, so that a bad file fails in milliseconds
+    with the leaf's name instead of deep inside the measurements (IndexError, LinAlgError, ...).
+
+    Raises:
+      ValueError: starting with ``where``, naming the offending key or leaf.
+    """
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{where}: {problem}; expected {PARAMS_LAYOUT}")
+
     if isinstance(tree, dict) and set(tree) == {"params"}:
         tree = tree["params"]
-    layers = sorted((k for k in tree if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
-    if not layers or len(layers) != len(tree) or any(
-            set(tree[k]) != {"kernel", "bias"} for k in layers):
-        raise ValueError(f"--params must hold an MLP params tree {{'Dense_i': {{'kernel', 'bias'}}}}; "
-                         f"got keys {sorted(tree)}")
-    if tree[layers[0]]["kernel"].shape[0] != 64 or tree[layers[-1]]["kernel"].shape[1] != 10:
-        raise ValueError("--params: the MLP must map 64 inputs (8x8 digits) to 10 classes; got "
-                         f"{tree[layers[0]]['kernel'].shape} ... {tree[layers[-1]]['kernel'].shape}")
-    return jax.tree.map(jnp.asarray, tree)
+    if not isinstance(tree, dict):
+        raise bad(f"holds a {type(tree).__name__}, not a dict of layers")
+    if not tree:
+        raise bad("holds an empty dict")
+    keys = sorted(tree, key=str)
+    for k in keys:
+        if not (isinstance(k, str) and re.fullmatch(r"Dense_\d+", k)):
+            raise bad(f"unexpected key {k!r} (keys {keys})")
+    layers = [f"Dense_{i}" for i in range(len(tree))]
+    if set(layers) != set(tree):
+        raise bad(f"the layers must be numbered Dense_0 .. Dense_{len(tree) - 1}; got keys {keys}")
+    width = 64  # inputs: the 8x8 digits, flattened
+    for name in layers:
+        layer = tree[name]
+        if not isinstance(layer, dict) or set(layer) != {"kernel", "bias"}:
+            got = (f"keys {sorted(layer, key=str)}" if isinstance(layer, dict)
+                   else f"a {type(layer).__name__}")
+            raise bad(f"{name} must hold exactly 'kernel' and 'bias'; got {got}")
+        for leaf, ndim in (("kernel", 2), ("bias", 1)):
+            x = layer[leaf]
+            if not isinstance(x, np.ndarray):
+                raise bad(f"{name}/{leaf} is a {type(x).__name__}, not an array")
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise bad(f"{name}/{leaf} has dtype {x.dtype}, not a floating-point dtype")
+            if x.ndim != ndim:
+                raise bad(f"{name}/{leaf} has shape {x.shape}, not {ndim}-D")
+        kernel, bias = layer["kernel"], layer["bias"]
+        if kernel.shape[0] != width or kernel.shape[1] < 1 or bias.shape != (kernel.shape[1],):
+            raise bad(f"{name} has kernel {kernel.shape} and bias {bias.shape}; the kernel must be "
+                      f"({width}, n) with n >= 1 (the previous layer has {width} outputs) and the "
+                      "bias (n,)")
+        width = kernel.shape[1]
+    if width != 10:
+        raise bad(f"the last layer {layers[-1]} has {width} outputs, not 10 (the digit classes)")
+    check_finite(tree, where)
+    return tree
+
+
+def check_finite(tree: Any, where: str = "params") -> None:
+    """Raise ``ValueError`` naming the first leaf of ``tree`` that holds NaN or inf.
+
+    Checked before any measurement: non-finite weights only surface later, after the trace
+    estimate, as ``LinAlgError: Eigenvalues did not converge``.
+    """
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        x = np.asarray(x)
+        n_bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        if n_bad:
+            leaf = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise ValueError(f"{where}: {leaf} has {n_bad} non-finite values (NaN/inf) of "
+                             f"{x.size}; the report needs finite weights")
 
 
 def save_params(params: Any, path: str) -> None:
@@ -155,26 +230,61 @@ def _floats(text: str) -> list[float]:
     try:
         vals = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals or any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected non-negative numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated finite numbers >= 0, got {text!r}") from None
+    # float() accepts "nan" and "inf", and nan < 0 is False: check finiteness explicitly
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated finite numbers >= 0, got {text!r}")
     return vals
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.sharpness_report",
-                                description=__doc__.split("\n\n")[0])
+def _nonneg_float(text: str) -> float:
+    try:
+        val = float(text)
+    except ValueError:
+        val = math.nan
+    if not math.isfinite(val) or val < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return val
+
+
+def _positive_int(text: str) -> int:
+    try:
+        val = int(text)
+    except ValueError:
+        val = 0
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return val
+
+
+def _seed(text: str) -> int:
+    # numpy rejects negative seeds and jax.random.key overflows at 2**63
+    try:
+        val = int(text)
+    except ValueError:
+        val = -1
+    if not 0 <= val < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer 0 <= seed < 2**63, got {text!r}")
+    return val
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--params", help="msgpack params file (flax.serialization.msgpack_serialize); "
                    "if omitted, the model is trained first")
     p.add_argument("--model", default="mlp", choices=MODELS)
     p.add_argument("--out", default="sharpness_report", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, nargs="+", default=[32], help="MLP hidden sizes (training)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--hidden", type=_positive_int, nargs="+", default=[32],
+                   help="MLP hidden sizes (training)")
     p.add_argument("--train-steps", type=int, default=400)
     p.add_argument("--save-params", help="write the (trained) params here (msgpack)")
     p.add_argument("--batch-size", type=int, default=256, help="measurement batch size")
     p.add_argument("--trace-samples", type=int, default=500, help="max Hutchinson probes")
-    p.add_argument("--trace-rtol", type=float, default=0.02, help="stop at stderr <= rtol*|trace|")
+    p.add_argument("--trace-rtol", type=_nonneg_float, default=0.02,
+                   help="stop at stderr <= rtol*|trace|")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--lanczos-iters", type=int, default=60)
     p.add_argument("--slq-runs", type=int, default=4)
@@ -186,6 +296,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-samples", type=int, default=16)
     p.add_argument("--grid", type=int, default=51, help="landscape points per axis")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    # Every argument is checked here, before the (seconds-long) training and measurements.
+    p = _parser()
     args = p.parse_args(argv)
     if args.params and not os.path.isfile(args.params):
         p.error(f"--params: no such file: {args.params}")
@@ -193,7 +309,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "slq_runs", "ascent_steps", "gap_samples", "grid"):
         minimum = 0 if name == "train_steps" else (3 if name == "grid" else 1)
         if getattr(args, name) < minimum:
-            p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
+            p.error(f"--{name.replace('_', '-')} must be an integer >= {minimum}, "
+                    f"got {getattr(args, name)}")
+    if args.top_k > args.lanczos_iters:  # lanczos_eigenvalues would reject it after the trace
+        p.error(f"--top-k must be <= --lanczos-iters ({args.lanczos_iters}), got {args.top_k}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} exists and is not a directory")
+    if args.save_params and os.path.isdir(args.save_params):
+        p.error(f"--save-params {args.save_params} is a directory; give a file name")
     return args
 
 
@@ -202,11 +325,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
     bar = not args.no_progress
+    if args.params:  # checked before anything else runs: a bad file is an argument error
+        try:
+            params = load_params(args.params)
+        except ValueError as err:
+            _parser().error(str(err))
     os.makedirs(args.out, exist_ok=True)
     train, test = load_digits_split(args.seed)
 
     if args.params:
-        params = load_params(args.params)
         hidden = [int(params[f"Dense_{i}"]["kernel"].shape[1]) for i in range(len(params) - 1)]
         source = {"params_file": os.path.abspath(args.params)}
     else:
@@ -217,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loss_fn = make_loss(model)
     if not args.params:
         params = train_mlp(model, loss_fn, train, args.train_steps, args.seed)
+        try:  # lr is fixed, so divergence is rare, but it must not surface as a LinAlgError
+            check_finite(params, "the trained params")
+        except ValueError as err:
+            raise SystemExit(f"error: training diverged: {err}; try fewer --train-steps or "
+                             "measure given weights with --params") from None
     if args.save_params:
         save_params(params, args.save_params)
 

@@ -29,5 +29,5 @@ def inject_hyperparams(
         state[0].hyperparams["rho"] = 0.1   # takes effect at the next update
     """
     names = set(inspect.signature(factory).parameters)
-    static = (set(STRUCTURAL_ARGS) & names) | set(static_args)
+    static = (set(STRUCTURAL_ARGS) & names) | set(static_args) | set(getattr(factory, "static_args", ()))
     return optax.inject_hyperparams(factory, static_args=tuple(sorted(static)))

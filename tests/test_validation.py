@@ -51,9 +51,9 @@ def test_bad_hyperparameter_names_itself(factory, kwargs, name):
 
 
 def test_range_is_in_message():
-    with pytest.raises(ValueError, match=r"lam must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"lam must be finite and in \[0, 1\], got 1.5"):
         flatjax.mrwp(mlp_loss, lam=1.5)
-    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"beta must be finite and in \(0, 1\)"):
         flatjax.arwp(mlp_loss, beta=1.0)
 
 

@@ -43,7 +43,7 @@ import optax
 from flatjax.core import validate as checks
 from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, check_strategy
 from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.tree import PyTree, cast_like, compute_dtype
+from flatjax.core.tree import PyTree, cast_like, compute_dtype, merge, select
 
 NAN = float("nan")
 
@@ -105,6 +105,10 @@ class StepContext:
         ``batches`` (one per probe) or one shared ``batch``."""
         return self.evaluator.probes(points=points, batches=batches, params=params, batch=batch, reduce=reduce)
 
+    def probes_stacked(self, points: PyTree, batch: PyTree, *, reduce: bool = True) -> Probes:
+        """Evaluate at every slice of stacked ``points`` on one batch, tracing the gradient once."""
+        return self.evaluator.probes_stacked(points, batch, reduce=reduce)
+
 
 @dataclasses.dataclass(frozen=True)
 class Estimator:
@@ -141,6 +145,7 @@ def rule_estimator(
     axis_name: str | None,
     reuse_gradient: bool,
     rejects_clean_grad: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Build an :class:`Estimator` from a direction rule (the shared machinery of every method).
 
@@ -158,6 +163,9 @@ def rule_estimator(
       reuse_gradient: whether a given ``clean_grad`` replaces the method's clean pass.
       rejects_clean_grad: if set, a given ``clean_grad`` raises ``ValueError`` with this reason (the rule
         needs a gradient that a whole-batch ``clean_grad`` cannot stand for).
+      trainable: None (every parameter), or a pytree of bools like params (or ``params -> tree``): the
+        rule then runs on the trainable leaves only — frozen leaves are neither perturbed nor counted in
+        norms or noise — and their direction is zero.
     """
     checks.check_callable("loss_fn", loss_fn)
     checks.check_bool("has_aux", has_aux)
@@ -173,6 +181,8 @@ def rule_estimator(
 
     def init(params: PyTree) -> EstimatorState:
         checks.check_params(name, params)
+        if trainable is not None:
+            params = select(params, checks.resolve_trainable(name, trainable, params))
         return EstimatorState(count=jnp.zeros((), jnp.int32), key=base_key, method=init_method_state(params))
 
     def value_and_grad(
@@ -194,9 +204,18 @@ def rule_estimator(
             if rejects_clean_grad is not None:
                 raise ValueError(f"{name}: clean_grad cannot be used here: {rejects_clean_grad}")
         step_key = checks.raw_key(key) if key is not None else jax.random.fold_in(state.key, state.count)
-        evaluator = Evaluator(loss_fn, has_aux, dict(loss_kwargs or {}), axis_name, strategy)
+        full, rule_params, rule_loss = params, params, loss_fn
+        if trainable is not None:  # the rule sees the trainable leaves; the loss gets them merged back
+            mask = checks.resolve_trainable(name, trainable, params)
+            rule_params = select(params, mask)
+            clean_grad = None if clean_grad is None else select(clean_grad, mask)
+
+            def rule_loss(sub, batch, **kw):
+                return loss_fn(merge(sub, full, mask), batch, **kw)
+
+        evaluator = Evaluator(rule_loss, has_aux, dict(loss_kwargs or {}), axis_name, strategy)
         ctx = StepContext(
-            params=params,
+            params=rule_params,
             batch=batch,
             perturbed_batch=batch if perturbed_batch is None else perturbed_batch,
             clean_grad=clean_grad if reuse_gradient else None,
@@ -206,6 +225,9 @@ def rule_estimator(
             dtype=compute_dtype(params),
         )
         out = direction(ctx, state.method)
+        updates = out.updates
+        if trainable is not None:
+            updates = merge(updates, jax.tree.map(jnp.zeros_like, full), mask)
         missing = set(diagnostics) - set(out.diagnostics)
         if missing:
             raise ValueError(f"{name}: the rule did not report the declared diagnostics {sorted(missing)}")
@@ -215,7 +237,7 @@ def rule_estimator(
         )
         new_state = EstimatorState(optax.safe_increment(state.count), state.key, out.method)
         value = (out.loss, out.aux) if has_aux else out.loss
-        return value, cast_like(out.updates, params), new_state, info
+        return value, cast_like(updates, params), new_state, info
 
     return Estimator(name=name, init=init, value_and_grad=value_and_grad, has_aux=has_aux,
                      n_probes=n_probes, diagnostics=diagnostics)

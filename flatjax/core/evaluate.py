@@ -153,6 +153,15 @@ class Evaluator:
 
     def _loss_and_aux(self, params, batch):
         out = self.loss_fn(params, batch, **self.loss_kwargs)
+        if self.has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError(
+                f"has_aux=True, so loss_fn must return a pair (loss, aux); it returned {type(out).__name__}"
+                + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+                + ". Return (loss, aux), or drop has_aux=True")
+        if not self.has_aux and isinstance(out, (tuple, list)):
+            raise ValueError(
+                f"loss_fn returned a {type(out).__name__} of length {len(out)}; if it returns (loss, aux), "
+                "pass has_aux=True")
         loss, aux = out if self.has_aux else (out, None)
         if jnp.ndim(loss) != 0:
             raise ValueError(
@@ -210,6 +219,26 @@ class Evaluator:
         if self.strategy == "vmap":
             return Probes(*run_local(p_in, b_in))
         return self._shard_map(run_local, p_in, b_in, n, shared_params, shared_batch)
+
+    def probes_stacked(self, points: PyTree, batch: PyTree, *, reduce: bool = True) -> Probes:
+        """Evaluate at every slice ``points[i]`` of a stacked pytree (leading probe axis) on one batch.
+
+        The gradient is traced ONCE whatever the probe count ('sequential' runs it in ``lax.map``), so
+        compile time does not grow with the number of probes.
+        """
+        n = {jnp.shape(x)[0] for x in jax.tree.leaves(points)}
+        if len(n) != 1:
+            raise ValueError(f"probes_stacked: every leaf needs the same leading probe axis, got sizes {sorted(n)}")
+        (n,) = n
+
+        def run_local(p, b):
+            return jax.vmap(lambda pp: self.value_and_grad(pp, b, reduce=reduce))(p)
+
+        if self.strategy == "sequential":
+            return Probes(*jax.lax.map(lambda p: self.value_and_grad(p, batch, reduce=reduce), points))
+        if self.strategy == "vmap":
+            return Probes(*run_local(points, batch))
+        return self._shard_map(run_local, points, batch, n, shared_params=False, shared_batch=True)
 
     def _shard_map(self, run_local, p_in, b_in, n, shared_params, shared_batch) -> Probes:
         strategy: ShardMapProbes = self.strategy  # type: ignore[assignment]

@@ -15,7 +15,8 @@ def value_at(value: ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32
     """The hyper-parameter at step ``count`` (number of completed updates) as a ``dtype`` scalar."""
     if callable(value):
         value = value(count)
-    return jnp.asarray(value, dtype)
+    # a shape-(1,) value (accepted as a scalar) must not change the state's shapes after step 1
+    return jnp.reshape(jnp.asarray(value, dtype), ())
 
 
 def cosine_increasing(init_value: float, increase: float, total_steps: int) -> Schedule:

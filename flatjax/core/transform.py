@@ -35,6 +35,10 @@ import optax
 
 from flatjax.core.estimator import Estimator, EstimatorState
 from flatjax.core.tree import PyTree, cast_like, compute_dtype
+from flatjax.core.validate import check_extra_args
+
+#: The keyword extra arguments of a method's ``update`` (near-misses of these raise).
+UPDATE_ARGS = ("batch", "perturbed_batch", "loss_kwargs", "clean_grad", "key")
 
 
 class StepInfo(NamedTuple):
@@ -71,6 +75,9 @@ def check_aux(name: str, aux: PyTree, aux_init: PyTree) -> PyTree:
             "pass aux_init with the structure of the aux your loss returns"
         )
     for a, b in zip(jax.tree.leaves(aux), jax.tree.leaves(aux_init)):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(f"{name}: loss_fn returns an aux leaf of shape {jnp.shape(a)} where aux_init has "
+                             f"shape {jnp.shape(b)}; give aux_init the shapes of the aux your loss returns")
         if jnp.issubdtype(jnp.result_type(a), jnp.inexact) and not jnp.issubdtype(jnp.result_type(b), jnp.inexact):
             raise ValueError(
                 f"{name}: loss_fn returns a floating aux leaf ({jnp.result_type(a)}) where aux_init has "
@@ -87,6 +94,14 @@ def empty_info(estimator: Estimator, aux_init: PyTree, dtype: Any) -> StepInfo:
         aux=jax.tree.map(jnp.array, aux_init),  # a copy: the state never aliases user buffers
         diagnostics={k: jnp.zeros((), dtype) for k in estimator.diagnostics},
     )
+
+
+def check_not_masked(name: str, params: PyTree) -> None:
+    """``optax.masked`` hides the masked-out parameters, which the loss needs: point to ``trainable=``."""
+    if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+        raise ValueError(
+            f"{name}: got params with optax.MaskedNode leaves (optax.masked around a flatjax method?). The loss "
+            f"needs every parameter; to freeze some, pass trainable=<pytree of bools> to flatjax.{name} instead")
 
 
 def updates_as_clean_grad(name: str, updates: PyTree, clean_grad: PyTree) -> None:
@@ -144,6 +159,8 @@ def as_transformation(estimator: Estimator, *, aux_init: PyTree = None) -> optax
             raise ValueError(f"{name}: update needs the mini-batch: tx.update(..., batch=batch)")
         if not isinstance(state, FlatState):
             raise ValueError(f"{name}: state must be the FlatState made by tx.init(params), got {type(state).__name__}")
+        check_extra_args(name, unused_extra_args, UPDATE_ARGS)
+        check_not_masked(name, params)
         updates_as_clean_grad(name, updates, clean_grad)
         value, direction, est, info = estimator.value_and_grad(
             params, EstimatorState(state.count, state.key, state.method), batch,

@@ -7,6 +7,7 @@ were checked concretely when the same factory ran inside ``init``.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Callable
 
@@ -15,14 +16,37 @@ import jax
 import numpy as np
 
 
-def _concrete(value: Any) -> float | None:
+def _concrete(name: str, value: Any) -> float | None:
     """The value as a Python float, or None when it is traced (not checkable)."""
     if isinstance(value, jax.core.Tracer):
         return None
-    arr = np.asarray(value)
+    if value is None or isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a real number or a schedule (a function of the step count), got {value!r}")
+    try:
+        arr = np.asarray(value)
+    except Exception as err:
+        raise ValueError(f"{name} must be a real number or a schedule, got {type(value).__name__}") from err
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be a real number or a schedule, got {value!r} (dtype {arr.dtype})")
     if arr.size != 1:
-        raise ValueError(f"expected a scalar hyper-parameter, got shape {arr.shape}")
+        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
     return float(arr.reshape(()))
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+
+
+def _in_range(x, low, high, low_open, high_open):
+    """Works on floats and on arrays (then elementwise, jit-safe). Non-finite values are out of range."""
+    ok = np.isfinite(x) if isinstance(x, float) else jax.numpy.isfinite(x)
+    if low is not None:
+        ok = ok & ((x > low) if low_open else (x >= low))
+    if high is not None:
+        ok = ok & ((x < high) if high_open else (x <= high))
+    return ok
 
 
 def check_range(
@@ -34,25 +58,58 @@ def check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    """Raise ``ValueError`` unless ``low (<|<=) value (<|<=) high``; schedules are checked at step 0."""
+    """Raise ``ValueError`` unless ``value`` is finite and ``low (<|<=) value (<|<=) high``.
+
+    Schedules are checked at step 0 here; :func:`guarded` checks them at every step.
+    """
     if callable(value):
         try:
             value = value(0)
         except Exception as err:  # a schedule that cannot be evaluated at 0 is a user error
             raise ValueError(f"{name}: schedule failed at step 0 ({err})") from err
-    x = _concrete(value)
-    if x is None:
-        return
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-    bad = math.isnan(x)
-    if low is not None:
-        bad |= x <= low if low_open else x < low
-    if high is not None:
-        bad |= x >= high if high_open else x > high
-    if bad:
-        raise ValueError(f"{name} must be in {interval}, got {x!r}")
+    x = _concrete(name, value)
+    if x is not None and not bool(_in_range(x, low, high, low_open, high_open)):
+        raise ValueError(f"{name} must be finite and in {_interval(low, high, low_open, high_open)}, got {x!r}")
+
+
+def guarded(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """Check a hyper-parameter now and at every step; returns what the step should evaluate.
+
+    A concrete number is checked here (``ValueError``) and returned as is. A schedule, or a traced value
+    (``optax.inject_hyperparams`` hands the factory traced values inside ``update``), is returned as a
+    schedule that checks each value it produces: a concrete out-of-range value raises ``ValueError``
+    naming the parameter (eager steps); under ``jax.jit`` it becomes NaN, so the step's update is NaN and
+    :func:`flatjax.skip_nonfinite` skips it (the training CLI then stops with an error) instead of
+    descending with a negative radius or extrapolating with λ > 1.
+    """
+    check_range(name, value, low=low, high=high, low_open=low_open, high_open=high_open)
+    if not callable(value) and not isinstance(value, jax.core.Tracer):
+        return value
+    interval = _interval(low, high, low_open, high_open)
+
+    def checked(count):
+        v = value(count) if callable(value) else value
+        if callable(value) and not isinstance(v, jax.core.Tracer):
+            x = _concrete(f"{name} (schedule value at step {count})", v)
+            if not _in_range(x, low, high, low_open, high_open):
+                raise ValueError(f"{name} must be finite and in {interval}; its schedule gave {x!r} at step {count}")
+        v = jax.numpy.asarray(v)
+        if isinstance(v, jax.core.Tracer):
+            return jax.numpy.where(_in_range(v, low, high, low_open, high_open), v, jax.numpy.nan)
+        x = _concrete(name, v)
+        if not _in_range(x, low, high, low_open, high_open):
+            raise ValueError(f"{name} must be finite and in {interval}, got {x!r}")
+        return v
+
+    return checked
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -61,6 +118,25 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> No
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_number(name: str, value: Any, **interval: Any) -> None:
+    """Like :func:`check_range`, for an argument that must be a plain number (no schedule)."""
+    if callable(value):
+        raise ValueError(f"{name} must be a number, not a schedule")
+    check_range(name, value, **interval)
+
+
+def check_extra_args(name: str, extra: dict, known: tuple[str, ...]) -> None:
+    """Raise for an unknown keyword that is a near-miss of a known one (``perturbed_batches``).
+
+    Unknown keywords are otherwise ignored: ``optax.chain`` hands every member all of them.
+    """
+    for arg in extra:
+        close = difflib.get_close_matches(arg, known, n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"{name}: unknown keyword argument {arg!r}; did you mean {close[0]!r}? "
+                             f"(it takes {', '.join(known)})")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -171,3 +247,19 @@ def check_data_parallel(name: str, params: Any, batch: Any, axis_name: str | Non
             f"replicas would diverge. Pass axis_name={bound[0]!r} (the gradients are then averaged; "
             "sam/asam(..., per_device=True) perturbs with each replica's own gradient)."
         )
+
+
+def resolve_trainable(name: str, trainable: Any, params: Any) -> Any:
+    """The ``trainable`` argument (a pytree of bools like params, or ``params -> tree``) as a checked tree."""
+    mask = trainable(params) if callable(trainable) else trainable
+    try:
+        leaves = jax.tree.structure(params).flatten_up_to(mask)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{name}: trainable must be a pytree of Python bools with the structure of params "
+                         f"(or a function params -> such a tree): {err}") from None
+    if not all(isinstance(m, (bool, np.bool_)) for m in leaves):
+        raise ValueError(f"{name}: trainable leaves must be Python bools (static), got "
+                         f"{sorted({type(m).__name__ for m in leaves})}")
+    if not any(leaves):
+        raise ValueError(f"{name}: trainable marks no parameter as trainable")
+    return mask

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -84,6 +86,47 @@ def _decode(path: Path, image_size: tuple[int, int] | None) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def _try_decode(path: Path, image_size: tuple[int, int] | None) -> np.ndarray | Exception:
+    # PIL's errors ("image file is truncated", "Truncated File Read", ...) carry no path, and one
+    # bad file among thousands must be findable: keep the error and report every bad file at once.
+    try:
+        return _decode(path, image_size)
+    except MemoryError:
+        raise
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+        return err
+
+
+def _decode_error(root: Path, split: str, paths: list[Path], labels: np.ndarray,
+                  class_names: tuple[str, ...], failed: list[tuple[int, Exception]]) -> OSError:
+    shown = "".join(
+        f"\n  {paths[i]} (split {split!r}, class {class_names[labels[i]]!r}): "
+        f"{type(err).__name__}: {err}" for i, err in failed[:5])
+    more = f"\n  ... and {len(failed) - 5} more" if len(failed) > 5 else ""
+    return OSError(
+        f"could not decode {len(failed)} of {len(paths)} image files under {root / split}:{shown}{more}\n"
+        "These files are damaged (e.g. cut short by an interrupted download or unpacking) or are not "
+        "images: re-download / re-extract the dataset, or delete the listed files and load again."
+    )
+
+
+def _size_error(root: Path, split: str, paths: list[Path], images: list[np.ndarray]) -> ValueError:
+    first: dict[tuple[int, int], Path] = {}
+    for p, im in zip(paths, images):
+        first.setdefault(im.shape[:2], p)
+    counts = Counter(im.shape[:2] for im in images).most_common()
+    sizes = ", ".join(f"{h}x{w} ({n} file{'s' * (n != 1)}, e.g. {first[(h, w)]})"
+                      for (h, w), n in counts[:4])
+    more = f", and {len(counts) - 4} more sizes" if len(counts) > 4 else ""
+    return ValueError(
+        f"images under {root / split} have {len(counts)} different sizes (height x width): "
+        f"{sizes}{more}. From Python, pass image_size=(height, width) to load_image_folder / "
+        "load_cifar10_folder to resize them while loading. The training CLI (python -m "
+        "experiments.train) has no resize option: resize the image files themselves to one size "
+        "first (e.g. with PIL, or ImageMagick's mogrify -resize), or delete the odd ones."
+    )
+
+
 def _cache_file(cache_dir: Path, split: str, paths: list[Path], labels: np.ndarray,
                 class_names: tuple[str, ...], image_size: tuple[int, int] | None) -> Path:
     # Keyed on every file's path, size and mtime, so edits to the folder invalidate it.
@@ -123,8 +166,10 @@ def load_image_folder(
 
     Raises:
       DatasetNotFoundError: if the folder layout is missing.
+      OSError: if some files cannot be decoded (damaged or not images); the message lists
+        their paths. Nothing is cached then.
       ValueError: for bad ``image_size``/``num_workers``, or images of different sizes
-        without ``image_size``.
+        without ``image_size`` (the message names the sizes and an example file of each).
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -144,26 +189,43 @@ def load_image_folder(
     if cache_dir is not None:
         cache_path = _cache_file(Path(cache_dir), split, paths, labels, names, size)
         if cache_path.exists():
-            with np.load(cache_path) as z:
-                return ArrayDataset(z["image"], z["label"], tuple(str(s) for s in z["class_names"]))
+            try:
+                with np.load(cache_path) as z:
+                    return ArrayDataset(z["image"], z["label"], tuple(str(s) for s in z["class_names"]))
+            except Exception as err:  # a damaged cache (e.g. copied half-way) is rebuilt, not fatal
+                warnings.warn(f"ignoring unreadable image-folder cache {cache_path} "
+                              f"({type(err).__name__}: {err}); decoding the images again",
+                              RuntimeWarning, stacklevel=2)
     if num_workers == 1:
-        images = [_decode(p, size) for p in paths]
+        decoded = [_try_decode(p, size) for p in paths]
     else:
         with ThreadPoolExecutor(num_workers) as pool:
-            images = list(pool.map(lambda p: _decode(p, size), paths))
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"images under {Path(root) / split} have different sizes {sorted(shapes)[:4]}...; "
-            "pass image_size=(height, width) to resize them"
-        )
+            decoded = list(pool.map(lambda p: _try_decode(p, size), paths))
+    failed = [(i, d) for i, d in enumerate(decoded) if isinstance(d, Exception)]
+    if failed:
+        raise _decode_error(Path(root), split, paths, labels, names, failed) from failed[0][1]
+    images: list[np.ndarray] = decoded  # type: ignore[assignment]
+    if len({im.shape for im in images}) > 1:
+        raise _size_error(Path(root), split, paths, images)
     data = ArrayDataset(np.stack(images), labels, names)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp.npz")
-        np.savez(tmp, image=data.image, label=data.label, class_names=np.asarray(names))
-        os.replace(tmp, cache_path)  # atomic, so a killed run never leaves half a cache
+        _write_cache(cache_path, data)
     return data
+
+
+def _write_cache(cache_path: Path, data: ArrayDataset) -> None:
+    # Written only after every file decoded, to a per-process temporary name and renamed
+    # atomically, so a failed or killed run (or two runs at once) never leaves half a cache.
+    # The cache only saves time: a failure to write it warns instead of losing the decoded data.
+    tmp = cache_path.with_suffix(f".{os.getpid()}.tmp.npz")
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, image=data.image, label=data.label, class_names=np.asarray(data.class_names))
+        os.replace(tmp, cache_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not write the image-folder cache {cache_path} ({err}); "
+                      "the images will be decoded again next time", RuntimeWarning, stacklevel=3)
 
 
 def resolve_cifar10_dir(path: str | os.PathLike | None = None) -> Path:

@@ -88,7 +88,6 @@ The decay rate of the radius learning rate is likewise not legible (see :func:`l
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -99,10 +98,12 @@ from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Estimator, Info
 from flatjax.core.evaluate import Evaluator
 from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.transform import FlatState, StepInfo, check_aux, empty_info, updates_as_clean_grad
-from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, compute_dtype, global_norm
+from flatjax.core.transform import (FlatState, StepInfo, check_aux, check_not_masked, empty_info,
+                                    updates_as_clean_grad)
+from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, compute_dtype, global_norm, merge, select
 from flatjax.core.validate import (check_bool, check_callable, check_choice, check_data_parallel,
-                                   check_like_params, check_positive_int, check_range, check_state, raw_key)
+                                   check_extra_args, check_like_params, check_number, check_positive_int,
+                                   check_range, check_state, guarded, raw_key, resolve_trainable)
 from flatjax.methods.crsam import combine as crsam_combine
 from flatjax.methods.sam import adaptive_mask_of
 
@@ -227,6 +228,10 @@ def _sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b)
 
 
+#: rho is the INITIAL radius and fd_step a length: neither may be traced by optax.inject_hyperparams.
+STATIC_ARGS = ("rho", "fd_step")
+
+
 @dataclasses.dataclass(frozen=True)
 class LetsEstimator(Estimator):
     """The LETS estimator; ``base_optimizer`` is the lower-level optimizer its lookahead step uses."""
@@ -249,6 +254,7 @@ def lets(
     fd_step: float | None = None,
     has_aux: bool = False,
     axis_name: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> LetsEstimator:
     """LETS (Wang et al., ECML-PKDD 2024): a SAM-family direction whose log-radius α is learned on the fly.
 
@@ -290,11 +296,13 @@ def lets(
       radius_optimizer: Optax transformation for α (minimizes F); None: :func:`lets_radius_optimizer`
         (Adam, lr 1e-4, exponential decay).
       hypergradient: ``"fd"``, ``"fd_forward"``, ``"exact"``, ``"exact_total"`` or ``"diag"``.
-      fd_step: > 0, parameter-space length of the finite-difference displacement (r = fd_step/‖v‖);
+      fd_step: in [1e-6, 1], parameter-space length of the finite-difference displacement (r = fd_step/‖v‖);
         None: 1e-2 for ``"fd"``, 1e-3 for ``"fd_forward"`` (unused by the other modes).
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is reported from the clean pass.
       axis_name: data-parallel axis of an enclosing ``shard_map``/``pmap``: every loss and gradient (hence
         the hypergradient and α) is averaged over it.
+      trainable: None (all), or a pytree of bools like params (or ``params -> tree``): False leaves are frozen —
+        not perturbed, not in ‖g‖ — and get a zero direction (the base optimizer still sees them).
 
     Reports: ``loss``/``aux`` of the clean pass; ``probe_losses`` = [L_B(w), L_B(w+e) (CR-SAM: and
     L_B(w−e)), L_V(w'), L_B(w')]; diagnostics ``rho`` (the ρ this step used), ``upper_loss``
@@ -310,15 +318,14 @@ def lets(
         rho = DEFAULT_RHO[inner]
     if callable(rho):
         raise ValueError("rho is the INITIAL radius (a positive number); LETS learns it, so no schedule")
-    check_range("rho", rho, low=0.0, low_open=True)
-    if not math.isfinite(float(rho)):
-        raise ValueError(f"rho must be finite, got {rho!r}")
+    check_number("rho", rho, low=0.0, low_open=True)
     if fd_step is None:
         fd_step = DEFAULT_FD_STEP.get(hypergradient, 1e-2)
-    check_range("fd_step", fd_step, low=0.0, low_open=True)
-    check_range("eta", eta, low=0.0)
-    check_range("crsam_alpha", crsam_alpha, low=0.0)
-    check_range("crsam_beta", crsam_beta, low=0.0)
+    # below 1e-6 float32 round-off cancels the gradient difference (a zero hypergradient: ρ frozen)
+    check_number("fd_step", fd_step, low=1e-6, high=1.0)
+    eta = guarded("eta", eta, low=0.0)
+    crsam_alpha = guarded("crsam_alpha", crsam_alpha, low=0.0)
+    crsam_beta = guarded("crsam_beta", crsam_beta, low=0.0)
     if radius_optimizer is None:
         radius_optimizer = lets_radius_optimizer()
     _check_transformation("radius_optimizer", radius_optimizer)
@@ -370,7 +377,16 @@ def lets(
         check_data_parallel("lets", params, batch, axis_name)
         if clean_grad is not None:
             check_like_params("lets", "clean_grad", clean_grad, params)
-        ev = Evaluator(loss_fn, has_aux, dict(loss_kwargs or {}), axis_name, "sequential")
+        ev_full = Evaluator(loss_fn, has_aux, dict(loss_kwargs or {}), axis_name, "sequential")
+        ev, w, expand = ev_full, params, (lambda t: t)
+        if trainable is not None:  # the inner rule sees the trainable leaves; frozen ones get d = 0
+            mask = resolve_trainable("lets", trainable, params)
+            w = select(params, mask)
+            clean_grad = None if clean_grad is None else select(clean_grad, mask)
+            ev = Evaluator(lambda sub, b, **kw: loss_fn(merge(sub, params, mask), b, **kw), has_aux,
+                           dict(loss_kwargs or {}), axis_name, "sequential")
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            expand = lambda t: merge(t, zeros, mask)  # noqa: E731
         count = state.count
         hyper = hyper_of(count)
         alpha = state.log_rho
@@ -379,15 +395,19 @@ def lets(
         if clean_grad is not None:
             loss0, aux0, g = jnp.asarray(NAN, compute_dtype(params)), None, clean_grad
         else:
-            loss0, aux0, g = ev.value_and_grad(params, batch)
+            loss0, aux0, g = ev.value_and_grad(w, batch)
 
         def direction(r):
-            """The inner direction at radius r, with the losses and gradients at its probe points."""
-            e = rule.ascent(g, params, r, hyper)
-            points = [add_scaled(params, e) if s == 1.0 else add_scaled(params, e, s) for s in rule.signs]
+            """The inner direction at radius r (trainable leaves), with the losses and gradients at its points."""
+            e = rule.ascent(g, w, r, hyper)
+            points = [add_scaled(w, e) if s == 1.0 else add_scaled(w, e, s) for s in rule.signs]
             results = [ev.value_and_grad(p, batch) for p in points]
             grads = [res[2] for res in results]
             return rule.combine(grads, g, hyper), (jnp.stack([res[0] for res in results]), grads)
+
+        def full_direction(r):
+            d_r, measured = direction(r)
+            return expand(d_r), measured
 
         def base_step(x):
             return base.update(x, base_state, params)
@@ -396,11 +416,11 @@ def lets(
         if hypergradient == "exact_total":
 
             def upper_of_alpha(a):
-                d, (point_losses, _) = direction(jnp.exp(a))
+                d, (point_losses, _) = full_direction(jnp.exp(a))
                 u, _ = base_step(d)
                 w1 = optax.apply_updates(params, u)
-                lv = ev.value_and_grad(w1, val_batch)[0]
-                lb = ev.value_and_grad(w1, batch)[0]
+                lv = ev_full.value_and_grad(w1, val_batch)[0]
+                lb = ev_full.value_and_grad(w1, batch)[0]
                 gap = lv - lb
                 return 0.5 * gap * gap, (d, point_losses, lv, lb, gap)
 
@@ -409,10 +429,10 @@ def lets(
             )
         else:
             if hypergradient == "exact":
-                d, dd, (point_losses, _) = jax.jvp(direction, (rho_t,), (one,), has_aux=True)
+                d, dd, (point_losses, _) = jax.jvp(full_direction, (rho_t,), (one,), has_aux=True)
             else:
-                d, (point_losses, grads) = direction(rho_t)
-                v = rule.ascent(g, params, one, hyper)  # de/dρ
+                d_w, (point_losses, grads) = direction(rho_t)
+                v = rule.ascent(g, w, one, hyper)  # de/dρ
                 if hypergradient == "diag":
                     dd = None
                     for a_i, s_i, gi in zip(rule.weights(hyper), rule.signs, grads):
@@ -426,12 +446,13 @@ def lets(
                     if hypergradient == "fd":
                         dd = jax.tree.map(lambda x: x / (2.0 * r), _sub(d_plus, direction(rho_t - r)[0]))
                     else:
-                        dd = jax.tree.map(lambda x: x / r, _sub(d_plus, d))
+                        dd = jax.tree.map(lambda x: x / r, _sub(d_plus, d_w))
+                d, dd = expand(d_w), expand(cast_like(dd, d_w))
             dd = cast_like(dd, d)
             (u, _), (du, _) = jax.jvp(base_step, (d,), (dd,))
             w1 = optax.apply_updates(params, u)
-            lv, _, gv = ev.value_and_grad(w1, val_batch)
-            lb, _, gb = ev.value_and_grad(w1, batch)
+            lv, _, gv = ev_full.value_and_grad(w1, val_batch)
+            lb, _, gb = ev_full.value_and_grad(w1, batch)
             gap = lv - lb
             upper = 0.5 * gap * gap
             hypergrad = rho_t * gap * _vdot(_sub(gv, gb), du)
@@ -462,6 +483,9 @@ def lets(
                          n_probes=n_probes, diagnostics=DIAGNOSTICS, base_optimizer=base)
 
 
+lets.static_args = STATIC_ARGS  # read by flatjax.inject_hyperparams
+
+
 def lets_transformation(estimator: LetsEstimator, *, aux_init: PyTree = None) -> optax.GradientTransformationExtraArgs:
     """The Optax form of a LETS estimator: the estimator's direction applied by its base optimizer."""
     if estimator.has_aux and aux_init is None:
@@ -490,6 +514,8 @@ def lets_transformation(estimator: LetsEstimator, *, aux_init: PyTree = None) ->
             raise ValueError("lets: update needs the training mini-batch: tx.update(..., batch=batch)")
         if not isinstance(state, LetsState):
             raise ValueError(f"lets: state must be the LetsState made by tx.init(params), got {type(state).__name__}")
+        check_extra_args("lets", unused_extra_args, ("batch", "val_batch", "loss_kwargs", "clean_grad"))
+        check_not_masked("lets", params)
         updates_as_clean_grad("lets", updates, clean_grad)
         est = LetsEstimatorState(state.flat.count, state.log_rho, state.radius_state, state.radius_skips)
         value, d, est, info = estimator.value_and_grad(

@@ -18,7 +18,7 @@ from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_
 from flatjax.core.evaluate import Strategy
 from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, global_norm, scale, weighted_sum
-from flatjax.core.validate import check_choice, check_positive_int, check_range
+from flatjax.core.validate import check_choice, check_positive_int, guarded
 
 #: Noise families: absolute-scale i.i.d. (the NSO code's options) or RWP's filter-wise Gaussian.
 NOISES = perturb.NOISE_DISTRIBUTIONS + ("filterwise",)
@@ -31,10 +31,37 @@ def draw_noise(key: jax.Array, params: PyTree, sigma: jax.Array, noise: str) -> 
     return perturb.isotropic_noise(key, params, sigma, noise)
 
 
+#: Above this many noise draws the probes are built and evaluated stacked, tracing one gradient pass
+#: (compile time independent of k; the same noise values and update as the unrolled form).
+UNROLL_MAX_K = 4
+
+
+def perturbed_probes(ctx: StepContext, s: jax.Array, k: int, noise: str, signs: tuple[float, ...]):
+    """Draw ``k`` noises ``U_i`` and evaluate every ``w + sign U_i`` (order: i-major, then signs).
+
+    Returns ``(probes, first_noise)``.
+    """
+    keys = jax.random.split(ctx.key, k)
+    if k <= UNROLL_MAX_K:
+        noises = [draw_noise(kk, ctx.params, s, noise) for kk in keys]
+        points = [add_scaled(ctx.params, u, sign) for u in noises for sign in signs]
+        return ctx.probes(points=points, batch=ctx.batch), noises[0]
+    noises = jax.vmap(lambda kk: draw_noise(kk, ctx.params, s, noise))(keys)  # leaves (k, ...)
+    n = k * len(signs)
+
+    def stacked(w, u):
+        pts = jnp.stack([w[None] + sign * u for sign in signs], axis=1).astype(w.dtype)  # (k, signs, ...)
+        return pts.reshape((n,) + jnp.shape(w))
+
+    points = jax.tree.map(stacked, ctx.params, noises)
+    return ctx.probes_stacked(points, ctx.batch), jax.tree.map(lambda u: u[0], noises)
+
+
 def _check_common(sigma, k, noise):
-    check_range("sigma", sigma, low=0.0)
+    """The checked ``sigma`` (see :func:`~flatjax.core.validate.guarded`)."""
     check_positive_int("k", k)
     check_choice("noise", noise, NOISES)
+    return guarded("sigma", sigma, low=0.0)
 
 
 def wpsgd(
@@ -47,6 +74,7 @@ def wpsgd(
     has_aux: bool = False,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Weight-perturbed SGD / randomized smoothing: ``d = (1/k) Σ_i ∇L_B(w + U_i)``.
 
@@ -59,27 +87,26 @@ def wpsgd(
       k: number of noise draws (≥ 1), evaluated together by the strategy.
       noise: 'gaussian', 'laplace' (Laplace(0, 1/√2)), 'uniform' (U(−√3, √3)) — unit variance before σ —
         or 'filterwise' (RWP's ``σ ‖w_f‖ z``).
-      seed, has_aux, strategy, axis_name: as in :func:`rwp`.
+      seed, has_aux, strategy, axis_name, trainable: as in :func:`rwp`.
 
     Reports: ``loss``/``aux`` from the first perturbed pass (there is no clean pass);
     ``probe_losses`` = [L(w + U_1), ..., L(w + U_k)]; diagnostics ``sigma``, ``noise_norm`` (‖U_1‖).
     A given ``clean_grad`` is ignored (the rule has no clean gradient).
     """
-    _check_common(sigma, k, noise)
+    sigma = _check_common(sigma, k, noise)
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
         s = ctx.value(sigma)
-        noises = [draw_noise(kk, ctx.params, s, noise) for kk in jax.random.split(ctx.key, k)]
-        out = ctx.probes(points=[add_scaled(ctx.params, u) for u in noises], batch=ctx.batch)
+        out, first = perturbed_probes(ctx, s, k, noise, (1.0,))
         d = weighted_sum(out.grads, jnp.full((k,), 1.0 / k))
         aux = jax.tree.map(lambda x: x[0], out.aux)
-        diagnostics = {"sigma": s, "noise_norm": global_norm(noises[0])}
+        diagnostics = {"sigma": s, "noise_norm": global_norm(first)}
         return Direction(d, method_state, out.losses[0], aux, out.losses, diagnostics)
 
     return rule_estimator(
         name="wpsgd", loss_fn=loss_fn, direction=direction, init_method_state=lambda p: (), n_probes=k,
         diagnostics=("sigma", "noise_norm"), has_aux=has_aux, seed=seed,
-        strategy=strategy, axis_name=axis_name, reuse_gradient=False,
+        strategy=strategy, axis_name=axis_name, reuse_gradient=False, trainable=trainable,
     )
 
 
@@ -94,6 +121,7 @@ def nso(
     has_aux: bool = False,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Noise Stability Optimization (Zhang et al., TMLR 2024), two-point antithetic form.
 
@@ -110,7 +138,7 @@ def nso(
       sigma: σ ≥ 0 (0.01 in the paper's CIFAR scripts; 0.005–0.014 elsewhere).
       lam: 0 ≤ λ ≤ 1, weight of the clean gradient (0).
       k: number of antithetic pairs (≥ 1; the scripts sweep 1–4); the 2k passes are independent.
-      noise, seed, has_aux, strategy, axis_name: as in :func:`wpsgd`.
+      noise, seed, has_aux, strategy, axis_name, trainable: as in :func:`wpsgd`.
 
     Reports: ``loss``/``aux`` from the clean pass (NaN loss / previous aux when it is skipped);
     ``probe_losses`` = [L(w), L(w + U_1), L(w − U_1), ..., L(w − U_k)] (L(w) NaN when skipped);
@@ -118,18 +146,14 @@ def nso(
     L(w+U) + L(w−U) − 2L(w) over pairs ≈ UᵀHU; NaN without the clean pass). A given ``clean_grad`` is
     ignored (the clean pass also yields L(w) and the aux).
     """
-    _check_common(sigma, k, noise)
-    check_range("lam", lam, low=0.0, high=1.0)
+    sigma = _check_common(sigma, k, noise)
+    lam = guarded("lam", lam, low=0.0, high=1.0)
     clean_pass = has_aux or not (isinstance(lam, (int, float)) and lam == 0)
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
         s, lam_t = ctx.value(sigma), ctx.value(lam)
-        noises = [draw_noise(kk, ctx.params, s, noise) for kk in jax.random.split(ctx.key, k)]
-        points = []
-        for u in noises:
-            points += [add_scaled(ctx.params, u), add_scaled(ctx.params, u, -1.0)]
         # the 2k perturbed passes form the probe set (an even count: splits over device pairs)
-        out = ctx.probes(points=points, batch=ctx.batch)
+        out, first = perturbed_probes(ctx, s, k, noise, (1.0, -1.0))
         d = weighted_sum(out.grads, jnp.full((2 * k,), 1.0 / (2 * k)))
         if clean_pass:
             loss0, aux0, g0 = ctx.value_and_grad(ctx.params, ctx.batch)
@@ -137,7 +161,7 @@ def nso(
             curvature = jnp.mean(out.losses[0::2] + out.losses[1::2] - 2.0 * loss0)
         else:
             loss0, aux0, curvature = jnp.asarray(NAN, ctx.dtype), None, jnp.asarray(NAN, ctx.dtype)
-        diagnostics = {"sigma": s, "noise_norm": global_norm(noises[0]), "lam": lam_t,
+        diagnostics = {"sigma": s, "noise_norm": global_norm(first), "lam": lam_t,
                        "pair_curvature": curvature}
         losses = jnp.concatenate([jnp.stack([loss0]), out.losses])
         return Direction(d, method_state, loss0, aux0, losses, diagnostics)
@@ -145,5 +169,5 @@ def nso(
     return rule_estimator(
         name="nso", loss_fn=loss_fn, direction=direction, init_method_state=lambda p: (), n_probes=2 * k + 1,
         diagnostics=("sigma", "noise_norm", "lam", "pair_curvature"), has_aux=has_aux,
-        seed=seed, strategy=strategy, axis_name=axis_name, reuse_gradient=False,
+        seed=seed, strategy=strategy, axis_name=axis_name, reuse_gradient=False, trainable=trainable,
     )

@@ -20,7 +20,7 @@ from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_
 from flatjax.core.evaluate import Strategy
 from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, compute_dtype, global_norm, index, up
-from flatjax.core.validate import check_range
+from flatjax.core.validate import guarded
 
 
 def _require(name: str, **values: Any) -> None:
@@ -43,16 +43,17 @@ def _rwp_estimator(
     has_aux: bool,
     strategy: Strategy,
     axis_name: str | None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None,
 ) -> Estimator:
     """Shared rule: ``lam is None`` → one perturbed pass; ``eta is None`` → no gradient history."""
-    check_range("sigma", sigma, low=0.0)
+    sigma = guarded("sigma", sigma, low=0.0)
     adaptive = eta is not None
     mixed = lam is not None
     if mixed:
-        check_range("lam", lam, low=0.0, high=1.0)
+        lam = guarded("lam", lam, low=0.0, high=1.0)
     if adaptive:
-        check_range("eta", eta, low=0.0)
-        check_range("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
+        eta = guarded("eta", eta, low=0.0)
+        beta = guarded("beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
 
     def init_method_state(params):
         if not adaptive:
@@ -103,6 +104,7 @@ def _rwp_estimator(
         strategy=strategy,
         axis_name=axis_name,
         reuse_gradient=mixed,
+        trainable=trainable,
     )
 
 
@@ -111,7 +113,9 @@ _COMMON_ARGS_DOC = """
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       strategy: 'auto', 'sequential', 'vmap' or ``flatjax.ShardMapProbes(mesh, axis)``.
       axis_name: data-parallel axis of an enclosing ``shard_map`` (gradients averaged over it; every
-        device draws the same noise, so the update equals one device on the whole batch)."""
+        device draws the same noise, so the update equals one device on the whole batch).
+      trainable: None (all), or a pytree of bools like params (or ``params -> tree``): False leaves are frozen —
+        neither perturbed nor counted in norms/noise — and get a zero direction."""
 
 
 def rwp(
@@ -122,6 +126,7 @@ def rwp(
     has_aux: bool = False,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Random Weight Perturbation (Li et al., TMLR 2024): ``d = ∇L_B(w + e)``, filter-wise Gaussian e.
 
@@ -137,7 +142,7 @@ def rwp(
     """
     return _rwp_estimator(
         "rwp", loss_fn, sigma, None, None, None, seed=seed, has_aux=has_aux,
-        strategy=strategy, axis_name=axis_name,
+        strategy=strategy, axis_name=axis_name, trainable=trainable,
     )
 
 
@@ -151,6 +156,7 @@ def arwp(
     has_aux: bool = False,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Adaptive RWP (Li et al., TMLR 2024): RWP with noise ``/ sqrt(1 + η F_f)``.
 
@@ -169,7 +175,7 @@ def arwp(
     _require("arwp", eta=eta, beta=beta)
     return _rwp_estimator(
         "arwp", loss_fn, sigma, None, eta, beta, seed=seed, has_aux=has_aux,
-        strategy=strategy, axis_name=axis_name,
+        strategy=strategy, axis_name=axis_name, trainable=trainable,
     )
 
 
@@ -182,6 +188,7 @@ def mrwp(
     has_aux: bool = False,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Mixed RWP (Li et al., TMLR 2024): ``d = λ ∇L_{B1}(w + e) + (1 − λ) ∇L_{B0}(w)``.
 
@@ -202,7 +209,7 @@ def mrwp(
     _require("mrwp", lam=lam)
     return _rwp_estimator(
         "mrwp", loss_fn, sigma, lam, None, None, seed=seed, has_aux=has_aux,
-        strategy=strategy, axis_name=axis_name,
+        strategy=strategy, axis_name=axis_name, trainable=trainable,
     )
 
 
@@ -217,6 +224,7 @@ def marwp(
     has_aux: bool = False,
     strategy: Strategy = "auto",
     axis_name: str | None = None,
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Mixed adaptive RWP (Li et al., TMLR 2024): m-RWP with ARWP's history-scaled noise.
 
@@ -236,5 +244,5 @@ def marwp(
     _require("marwp", lam=lam, eta=eta, beta=beta)
     return _rwp_estimator(
         "marwp", loss_fn, sigma, lam, eta, beta, seed=seed, has_aux=has_aux,
-        strategy=strategy, axis_name=axis_name,
+        strategy=strategy, axis_name=axis_name, trainable=trainable,
     )

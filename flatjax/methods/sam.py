@@ -18,7 +18,7 @@ from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_
 from flatjax.core.evaluate import Strategy
 from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, global_norm, index, weighted_sum
-from flatjax.core.validate import check_bool, check_positive_int, check_range
+from flatjax.core.validate import check_bool, check_positive_int, guarded
 
 # ascent(grad, params, hyper) -> perturbation e
 Ascent = Callable[[PyTree, PyTree, dict], PyTree]
@@ -26,6 +26,11 @@ Ascent = Callable[[PyTree, PyTree, dict], PyTree]
 
 def _split_groups(batch: PyTree, m: int) -> list[PyTree]:
     """Split every leaf's leading (example) axis into groups of ``m`` consecutive examples."""
+    for path, x in jax.tree_util.tree_leaves_with_path(batch):
+        if jnp.ndim(x) == 0:
+            raise ValueError(f"m-sharpness splits every batch leaf along its first (example) axis, but batch"
+                             f"{jax.tree_util.keystr(path)} is a scalar; pass per-example values, or constants "
+                             "through loss_kwargs")
     sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
         raise ValueError(f"m-sharpness needs every batch leaf to share its leading size, got {sorted(sizes)}")
@@ -80,7 +85,7 @@ def _sam_direction(ascent: Ascent, hyper_of: Callable[[StepContext], dict], m: i
 
 def sam_family(name: str, loss_fn: Callable[..., Any], ascent: Ascent, hyper_of: Callable[[StepContext], dict],
                *, m: int | None, axis_name: str | None, per_device: bool, has_aux: bool,
-               strategy: Strategy) -> Estimator:
+               strategy: Strategy, trainable: PyTree | Callable[[PyTree], PyTree] | None = None) -> Estimator:
     """An estimator of the two-pass SAM family from its ascent rule ``e = ascent(g, w, hyper)``.
 
     The building block of :func:`sam` and :func:`asam`: ``hyper_of(ctx)`` returns the step's
@@ -108,6 +113,7 @@ def sam_family(name: str, loss_fn: Callable[..., Any], ascent: Ascent, hyper_of:
         axis_name=axis_name,
         reuse_gradient=m is None and not per_device,
         rejects_clean_grad=rejects,
+        trainable=trainable,
     )
 
 
@@ -120,6 +126,7 @@ def sam(
     per_device: bool = False,
     has_aux: bool = False,
     strategy: Strategy = "auto",
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Sharpness-Aware Minimization (Foret et al., ICLR 2021).
 
@@ -138,6 +145,8 @@ def sam(
         m = per-device batch, the google-research/sam default); otherwise the global gradient is used.
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       strategy: how m-sharpness groups are evaluated: 'auto', 'sequential', 'vmap', ShardMapProbes.
+      trainable: None (all), or a pytree of bools like params (or ``params -> tree``): False leaves are frozen —
+        neither perturbed nor counted in norms/noise — and get a zero direction.
 
     Reports: ``loss``/``aux`` from the unperturbed pass (mean over groups with ``m``); ``probe_losses``
     = [L(w), L(w + e)]; diagnostics ``rho``, ``grad_norm`` (‖g‖). A given ``clean_grad`` (the device
@@ -148,11 +157,11 @@ def sam(
         est = flatjax.estimators.sam(loss_fn, rho=0.05)              # your loop
         tx = optax.chain(flatjax.sam(loss_fn, rho=0.05), optax.sgd(0.1, momentum=0.9))   # Optax form
     """
-    check_range("rho", rho, low=0.0)
+    rho = guarded("rho", rho, low=0.0)
     ascent = lambda g, w, h: perturb.normalized_ascent(g, h["rho"])  # noqa: E731
     hyper_of = lambda ctx: {"rho": ctx.value(rho)}  # noqa: E731
     return sam_family("sam", loss_fn, ascent, hyper_of, m=m, axis_name=axis_name, per_device=per_device,
-                      has_aux=has_aux, strategy=strategy)
+                      has_aux=has_aux, strategy=strategy, trainable=trainable)
 
 
 def asam(
@@ -166,6 +175,7 @@ def asam(
     per_device: bool = False,
     has_aux: bool = False,
     strategy: Strategy = "auto",
+    trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Estimator:
     """Adaptive SAM (Kwon et al., ICML 2021): ``e = ρ T² g / (‖T g‖ + 1e-12)``, ``T = |w| + η``.
 
@@ -177,12 +187,12 @@ def asam(
       rho: radius ρ ≥ 0 (about 10× SAM's: 0.5 CIFAR-10, 1.0 CIFAR-100).
       eta: η ≥ 0, the offset in ``T = |w| + η`` (0.01).
       mask: pytree of bools like params, or a callable ``params -> mask``; None for the default.
-      m, axis_name, per_device, has_aux, strategy: as in :func:`sam`.
+      m, axis_name, per_device, has_aux, strategy, trainable: as in :func:`sam`.
 
     Reports as :func:`sam`.
     """
-    check_range("rho", rho, low=0.0)
-    check_range("eta", eta, low=0.0)
+    rho = guarded("rho", rho, low=0.0)
+    eta = guarded("eta", eta, low=0.0)
     mask_of = adaptive_mask_of(mask)
 
     def ascent(g, w, h):
@@ -190,11 +200,20 @@ def asam(
 
     hyper_of = lambda ctx: {"rho": ctx.value(rho), "eta": ctx.value(eta)}  # noqa: E731
     return sam_family("asam", loss_fn, ascent, hyper_of, m=m, axis_name=axis_name, per_device=per_device,
-                      has_aux=has_aux, strategy=strategy)
+                      has_aux=has_aux, strategy=strategy, trainable=trainable)
 
 
 def adaptive_mask_of(mask: PyTree | Callable[[PyTree], PyTree] | None) -> Callable[[PyTree], PyTree]:
     """ASAM's ``mask`` argument as a function of the parameters (None: the default adaptive leaves)."""
     if mask is None:
         return perturb.default_adaptive_mask
-    return mask if callable(mask) else (lambda params: mask)
+
+    def mask_of(params):
+        m = mask(params) if callable(mask) else mask
+        if jax.tree.structure(m) != jax.tree.structure(params):
+            raise ValueError(f"mask must be a pytree of bools with the structure of params (or a function "
+                             f"params -> such a tree); got structure {jax.tree.structure(m)} for params "
+                             f"{jax.tree.structure(params)}")
+        return m
+
+    return mask_of
