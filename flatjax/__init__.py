@@ -14,48 +14,28 @@ Methods:
 * :func:`wpsgd`, :func:`nso` — Zhang et al., TMLR 2024.
 * :func:`crsam` — Wu et al., AAAI 2024.
 * :func:`lets` — learns the radius of SAM/ASAM/CR-SAM (Wang et al., ECML-PKDD 2024).
+* :func:`gsam` — surrogate-gap guided SAM (Zhuang et al., ICLR 2022).
+* :func:`samon` — SAM perturbing only normalization layers (Mueller et al., NeurIPS 2023).
+
+The list lives in :mod:`flatjax.registry`; new methods are written with :func:`flatjax.core.rule_estimator`.
 
 Sub-packages imported on demand: ``flatjax.sharpness`` (measurement), ``flatjax.models`` and
 ``flatjax.data`` (need the ``experiments`` extra).
 """
 
-from flatjax import estimators
+from flatjax import estimators, registry
 from flatjax.core import ShardMapProbes, StepInfo, cosine_increasing, step_info
 from flatjax.core.transform import optax_form
 from flatjax.guard import skip_nonfinite
 from flatjax.hyperparams import inject_hyperparams
-from flatjax.methods import lets_radius_optimizer, lets_transformation
+from flatjax.methods import lets_radius_optimizer
 
-sam = optax_form(estimators.sam)
-asam = optax_form(estimators.asam)
-rwp = optax_form(estimators.rwp)
-arwp = optax_form(estimators.arwp)
-mrwp = optax_form(estimators.mrwp)
-marwp = optax_form(estimators.marwp)
-wpsgd = optax_form(estimators.wpsgd)
-nso = optax_form(estimators.nso)
-crsam = optax_form(estimators.crsam)
-lets = optax_form(estimators.lets, adapter=lets_transformation)
+# the Optax form of every method in the registry: flatjax.sam, flatjax.marwp, ..., flatjax.lets
+for _method in registry.METHODS.values():
+    globals()[_method.name] = optax_form(_method.estimator, _method.optax_adapter)
+del _method
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ShardMapProbes",
-    "StepInfo",
-    "arwp",
-    "asam",
-    "cosine_increasing",
-    "crsam",
-    "estimators",
-    "inject_hyperparams",
-    "lets",
-    "lets_radius_optimizer",
-    "marwp",
-    "mrwp",
-    "nso",
-    "rwp",
-    "sam",
-    "skip_nonfinite",
-    "step_info",
-    "wpsgd",
-]
+__all__ = ["ShardMapProbes", "StepInfo", "cosine_increasing", "estimators", "inject_hyperparams",
+           "lets_radius_optimizer", "registry", "skip_nonfinite", "step_info", *registry.METHODS]

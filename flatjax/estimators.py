@@ -19,8 +19,9 @@ in the same contract. The contract: :mod:`flatjax.core.estimator`.
 
 from flatjax.core.estimator import Estimator, EstimatorState, Info
 from flatjax.core.estimator import gradient as sgd
-from flatjax.methods import arwp, asam, crsam, lets, marwp, mrwp, nso, rwp, sam, wpsgd
 from flatjax.methods.lets import LetsEstimatorState
+from flatjax.registry import METHODS
 
-__all__ = ["Estimator", "EstimatorState", "Info", "LetsEstimatorState", "arwp", "asam", "crsam", "lets",
-           "marwp", "mrwp", "nso", "rwp", "sam", "sgd", "wpsgd"]
+globals().update({name: method.estimator for name, method in METHODS.items()})
+
+__all__ = ["Estimator", "EstimatorState", "Info", "LetsEstimatorState", "sgd", *METHODS]

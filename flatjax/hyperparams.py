@@ -7,20 +7,23 @@ from typing import Callable, Iterable
 
 import optax
 
-#: Arguments that are functions, structure or shapes, never schedulable hyper-parameters.
-STRUCTURAL_ARGS = ("loss_fn", "m", "k", "mask", "seed", "aux_init", "strategy", "axis_name", "inner",
-                   "noise", "form", "hypergradient", "base_optimizer", "radius_optimizer")
+from flatjax.registry import METHODS
 
 
 def inject_hyperparams(
     factory: Callable[..., optax.GradientTransformation], static_args: Iterable[str] = ()
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
-    """``optax.inject_hyperparams(factory)`` with flatjax's structural arguments declared static.
+    """``optax.inject_hyperparams(factory)`` with everything but the method's hyper-parameters static.
 
     Plain ``optax.inject_hyperparams`` treats every callable argument as a schedule (it would call
-    ``loss_fn(step)``) and every int as a traced hyper-parameter (breaking shape arguments such as ``m``);
-    this wrapper passes them through unchanged. The numeric hyper-parameters (ρ, σ, λ, η, β, ...) are
-    then stored in the state's ``hyperparams`` dict, where they can be read and overwritten between steps.
+    ``loss_fn(step)``) and every int as a traced hyper-parameter (breaking shape arguments such as ``m``).
+    Here only the method's schedulable hyper-parameters (ρ, σ, λ, η, β, α — ``Method.hyperparameters``
+    in :mod:`flatjax.registry`) are injected; they are stored in the state's ``hyperparams`` dict, where
+    they can be read and overwritten between steps (and are range-checked at every step).
+
+    Args:
+      factory: the Optax form of a flatjax method (e.g. ``flatjax.sam``).
+      static_args: further arguments to keep static.
 
     Example::
 
@@ -28,6 +31,10 @@ def inject_hyperparams(
         state = tx.init(params)
         state[0].hyperparams["rho"] = 0.1   # takes effect at the next update
     """
-    names = set(inspect.signature(factory).parameters)
-    static = (set(STRUCTURAL_ARGS) & names) | set(static_args) | set(getattr(factory, "static_args", ()))
+    name = getattr(factory, "__name__", None)
+    if name not in METHODS:
+        raise ValueError(f"inject_hyperparams takes the Optax form of a flatjax method ({', '.join(METHODS)}), "
+                         f"got {factory!r}; for other factories use optax.inject_hyperparams")
+    injected = set(METHODS[name].hyperparameters) - set(static_args)
+    static = set(inspect.signature(factory).parameters) - injected
     return optax.inject_hyperparams(factory, static_args=tuple(sorted(static)))

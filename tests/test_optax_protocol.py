@@ -15,23 +15,17 @@ import pytest
 import flatjax
 from flat_toys import assert_tree_close, make_batch, mlp_loss, mlp_params
 
-FACTORIES = {
-    "sam": lambda **kw: flatjax.sam(mlp_loss, **kw),
-    "asam": lambda **kw: flatjax.asam(mlp_loss, **kw),
-    "rwp": lambda **kw: flatjax.rwp(mlp_loss, **kw),
-    "arwp": lambda **kw: flatjax.arwp(mlp_loss, **kw),
-    "mrwp": lambda **kw: flatjax.mrwp(mlp_loss, **kw),
-    "marwp": lambda **kw: flatjax.marwp(mlp_loss, **kw),
-    "wpsgd": lambda **kw: flatjax.wpsgd(mlp_loss, **kw),
-    "nso": lambda **kw: flatjax.nso(mlp_loss, **kw),
-    "crsam": lambda **kw: flatjax.crsam(mlp_loss, **kw),
-}
+
+# method-specific arguments the toy problem needs (the matrix itself comes from flatjax.registry)
+EXTRA = {}
+# every method whose Optax form is chained before a base optimizer (LETS wraps its own: test_lets.py)
+METHODS = [name for name, m in flatjax.registry.METHODS.items() if not m.wraps_optimizer]
+FACTORIES = {name: (lambda name: lambda **kw: getattr(flatjax, name)(mlp_loss, **EXTRA.get(name, {}), **kw))(name)
+             for name in METHODS}
 # the hyper-parameter each protocol test varies, with two values that must give different updates
-HYPER = {"sam": "rho", "asam": "rho", "rwp": "sigma", "arwp": "sigma", "mrwp": "lam", "marwp": "lam",
-         "wpsgd": "sigma", "nso": "sigma", "crsam": "alpha"}
+HYPER = {name: flatjax.registry.METHODS[name].hyperparameters[0] for name in METHODS}
 VALUES = {"rho": (0.05, 0.3), "sigma": (0.01, 0.2), "lam": (0.2, 0.9), "alpha": (0.1, 2.0)}
-METHODS = sorted(FACTORIES)
-SEED = {name: {"seed": 5} for name in ("rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso")}
+SEED = {name: {"seed": 5} for name in METHODS if flatjax.registry.METHODS[name].seeded}
 
 
 def _needs_extra():
@@ -61,7 +55,7 @@ def test_inject_hyperparams_value_takes_effect_each_step(name):
     params, batch, hp = mlp_params(), make_batch(), HYPER[name]
     a, b = VALUES[hp]
     factory = getattr(flatjax, name)
-    tx = flatjax.inject_hyperparams(factory)(mlp_loss, **{hp: a})
+    tx = flatjax.inject_hyperparams(factory)(mlp_loss, **EXTRA.get(name, {}), **{hp: a})
     state = tx.init(params)
     step = jax.jit(lambda s, hv: tx.update(None, s._replace(hyperparams={**s.hyperparams, hp: hv}), params, batch=batch))
     u_a, state = step(state, jnp.float32(a))
@@ -88,7 +82,7 @@ def test_schedules_take_effect_every_step(name, wrap):
         tx = FACTORIES[name](**{hp: schedule})
     else:
         factory = getattr(flatjax, name)
-        tx = flatjax.inject_hyperparams(factory)(mlp_loss, **{hp: schedule})
+        tx = flatjax.inject_hyperparams(factory)(mlp_loss, **EXTRA.get(name, {}), **{hp: schedule})
     state = tx.init(params)
     step = jax.jit(lambda s: tx.update(None, s, params, batch=batch))
     seen = []
@@ -197,7 +191,7 @@ def test_skip_nonfinite_guards_nan_inside_the_method(name):
     np.testing.assert_array_equal(state.inner_state[0].key, good_state.inner_state[0].key)
     assert int(state.inner_state[0].count) == 2
     # the skipped step's own measurements are reported (not the previous step's): D2
-    est, flat = getattr(flatjax.estimators, name)(mlp_loss), good_state.inner_state[0]
+    est, flat = getattr(flatjax.estimators, name)(mlp_loss, **EXTRA.get(name, {})), good_state.inner_state[0]
     _, _, _, info = est.value_and_grad(params, flatjax.estimators.EstimatorState(flat.count, flat.key, flat.method), bad)
     np.testing.assert_allclose(flatjax.step_info(state).probe_losses, info.probe_losses, rtol=1e-6)
     updates, state = step(params, state, batch)  # recovers

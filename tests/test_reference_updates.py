@@ -209,3 +209,4 @@ def test_zero_gradient_gives_no_nan(method):
     updates, state = tx.update(None, tx.init(params), params, batch=jnp.ones(3))
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     assert np.isfinite(flatjax.step_info(state).diagnostics["grad_norm"])
+

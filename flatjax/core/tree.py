@@ -43,6 +43,11 @@ def global_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(up(x))) for x in leaves))
 
 
+def vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """``Σ_leaves ⟨a, b⟩`` accumulated in the promoted dtype."""
+    return sum(jnp.vdot(up(x), up(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def add_scaled(tree: PyTree, other: PyTree, scale: Any = 1.0) -> PyTree:
     """``tree + scale * other`` leaf by leaf, keeping the dtype of ``tree``."""
     return jax.tree.map(lambda a, b: (a + scale * b).astype(a.dtype), tree, other)

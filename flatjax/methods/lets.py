@@ -100,12 +100,12 @@ from flatjax.core.evaluate import Evaluator
 from flatjax.core.schedule import ScalarOrSchedule, value_at
 from flatjax.core.transform import (FlatState, StepInfo, check_aux, check_not_masked, empty_info,
                                     updates_as_clean_grad)
-from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, compute_dtype, global_norm, merge, select
+from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, compute_dtype, global_norm, merge, select, vdot
 from flatjax.core.validate import (check_bool, check_callable, check_choice, check_data_parallel,
                                    check_extra_args, check_like_params, check_number, check_positive_int,
                                    check_range, check_state, guarded, raw_key, resolve_trainable)
 from flatjax.methods.crsam import combine as crsam_combine
-from flatjax.methods.sam import adaptive_mask_of
+from flatjax.methods.sam import as_mask_fn
 
 INNERS = ("sam", "asam", "crsam")
 HYPERGRADIENTS = ("fd", "fd_forward", "exact", "exact_total", "diag")
@@ -202,7 +202,7 @@ def _inner_rule(inner: str, eta, mask, crsam_alpha, crsam_beta) -> _Inner:
             weights=lambda h: (1.0,),
         )
     if inner == "asam":
-        mask_of = adaptive_mask_of(mask)
+        mask_of = as_mask_fn(mask)
         return _Inner(
             signs=(1.0,),
             ascent=lambda g, w, rho, h: perturb.adaptive_ascent(g, w, rho, h["eta"], mask_of(w)),
@@ -218,18 +218,8 @@ def _inner_rule(inner: str, eta, mask, crsam_alpha, crsam_beta) -> _Inner:
     )
 
 
-def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-    return sum(
-        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
 def _sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b)
-
-
-#: rho is the INITIAL radius and fd_step a length: neither may be traced by optax.inject_hyperparams.
-STATIC_ARGS = ("rho", "fd_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +445,7 @@ def lets(
             lb, _, gb = ev_full.value_and_grad(w1, batch)
             gap = lv - lb
             upper = 0.5 * gap * gap
-            hypergrad = rho_t * gap * _vdot(_sub(gv, gb), du)
+            hypergrad = rho_t * gap * vdot(_sub(gv, gb), du)
 
         hypergrad = jnp.asarray(hypergrad, jnp.float32)
         radius_updates, new_radius_state = radius_opt.update(hypergrad, state.radius_state, alpha)
@@ -481,9 +471,6 @@ def lets(
 
     return LetsEstimator(name="lets", init=init, value_and_grad=value_and_grad, has_aux=has_aux,
                          n_probes=n_probes, diagnostics=DIAGNOSTICS, base_optimizer=base)
-
-
-lets.static_args = STATIC_ARGS  # read by flatjax.inject_hyperparams
 
 
 def lets_transformation(estimator: LetsEstimator, *, aux_init: PyTree = None) -> optax.GradientTransformationExtraArgs:

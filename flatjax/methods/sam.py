@@ -193,7 +193,7 @@ def asam(
     """
     rho = guarded("rho", rho, low=0.0)
     eta = guarded("eta", eta, low=0.0)
-    mask_of = adaptive_mask_of(mask)
+    mask_of = as_mask_fn(mask)
 
     def ascent(g, w, h):
         return perturb.adaptive_ascent(g, w, h["rho"], h["eta"], mask_of(w))
@@ -203,8 +203,9 @@ def asam(
                       has_aux=has_aux, strategy=strategy, trainable=trainable)
 
 
-def adaptive_mask_of(mask: PyTree | Callable[[PyTree], PyTree] | None) -> Callable[[PyTree], PyTree]:
-    """ASAM's ``mask`` argument as a function of the parameters (None: the default adaptive leaves)."""
+def as_mask_fn(mask: PyTree | Callable[[PyTree], PyTree] | None) -> Callable[[PyTree], PyTree]:
+    """A mask argument (pytree of bools like params, or ``params -> tree``) as a checked function of the
+    parameters; None: ASAM's default adaptive leaves."""
     if mask is None:
         return perturb.default_adaptive_mask
 
