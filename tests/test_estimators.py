@@ -32,6 +32,7 @@ FORMS = {
     "nso": (flatjax.estimators.nso, flatjax.nso, {"sigma": 0.05, "lam": 0.2, "seed": 3}),
     "crsam": (flatjax.estimators.crsam, flatjax.crsam, {"rho": 0.1}),
     "crsam-log": (flatjax.estimators.crsam, flatjax.crsam, {"rho": 0.1, "form": "log"}),
+    "gsam": (flatjax.estimators.gsam, flatjax.gsam, {"rho": 0.1, "alpha": 0.3}),
 }
 
 

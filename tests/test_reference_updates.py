@@ -210,3 +210,22 @@ def test_zero_gradient_gives_no_nan(method):
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     assert np.isfinite(flatjax.step_info(state).diagnostics["grad_norm"])
 
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_gsam_matches_reference(alpha):
+    """GSAM (Zhuang et al. 2022): d = g_p − α (g − ⟨g, g_p⟩ g_p / ‖g_p‖²); α = 0 is SAM."""
+    params, batch, rho = mlp_params(), make_batch(), 0.07
+    g = np_grad(params, batch)
+    e = tmap(lambda x: rho * x / (np_norm(g) + 1e-12), g)
+    g_p = np_grad(tmap(lambda p, x: np.asarray(p) + x, params, e), batch)
+    gp_norm = np_norm(g_p)
+    along = sum(np.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_p))) / gp_norm
+    expected = tmap(lambda gp, g0: gp - alpha * (g0 - along * gp / gp_norm), g_p, g)
+    (d,), state = one_step(flatjax.gsam(mlp_loss, rho=rho, alpha=alpha), params, batch)
+    assert_tree_close(d, expected, rtol=2e-5)
+    info = flatjax.step_info(state)
+    np.testing.assert_allclose(info.diagnostics["surrogate_gap"], info.probe_losses[1] - info.probe_losses[0])
+    if alpha == 0.0:
+        (sam_d,), _ = one_step(flatjax.sam(mlp_loss, rho=rho), params, batch)
+        assert_tree_close(d, sam_d)
+
