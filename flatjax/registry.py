@@ -91,6 +91,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lets.lets", "Wang et al., LETS, ECML-PKDD 2024", ("eta", "crsam_alpha", "crsam_beta"),
            "inner + 2 + HVP", second_batch="val_batch", adapter="lets.lets_transformation"),
     Method("gsam.gsam", "Zhuang et al., Surrogate Gap Guided SAM, ICLR 2022", ("rho", "alpha"), "2"),
+    Method("samon.samon", "Mueller et al., Normalization Layers Are All That SAM Needs, NeurIPS 2023", ("rho",), "2"),
 )}
 
 

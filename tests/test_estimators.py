@@ -33,6 +33,8 @@ FORMS = {
     "crsam": (flatjax.estimators.crsam, flatjax.crsam, {"rho": 0.1}),
     "crsam-log": (flatjax.estimators.crsam, flatjax.crsam, {"rho": 0.1, "form": "log"}),
     "gsam": (flatjax.estimators.gsam, flatjax.gsam, {"rho": 0.1, "alpha": 0.3}),
+    "samon": (flatjax.estimators.samon, flatjax.samon,
+              {"rho": 0.2, "norm_mask": lambda p: jax.tree_util.tree_map_with_path(lambda k, _: k[-1].key == "bias", p)}),
 }
 
 

@@ -16,8 +16,13 @@ import flatjax
 from flat_toys import assert_tree_close, make_batch, mlp_loss, mlp_params
 
 
+def _bias_leaves(params):
+    """SAM-ON's normalization mask on the toy MLP, which has no normalization layer: its biases."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "bias", params)
+
+
 # method-specific arguments the toy problem needs (the matrix itself comes from flatjax.registry)
-EXTRA = {}
+EXTRA = {"samon": {"norm_mask": _bias_leaves}}
 # every method whose Optax form is chained before a base optimizer (LETS wraps its own: test_lets.py)
 METHODS = [name for name, m in flatjax.registry.METHODS.items() if not m.wraps_optimizer]
 FACTORIES = {name: (lambda name: lambda **kw: getattr(flatjax, name)(mlp_loss, **EXTRA.get(name, {}), **kw))(name)

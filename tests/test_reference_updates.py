@@ -229,3 +229,34 @@ def test_gsam_matches_reference(alpha):
         (sam_d,), _ = one_step(flatjax.sam(mlp_loss, rho=rho), params, batch)
         assert_tree_close(d, sam_d)
 
+
+def test_samon_matches_reference():
+    """SAM-ON (Mueller et al. 2023): the ascent uses the normalization parameters' gradient only."""
+    params = {"dense0": mlp_params()["dense0"], "LayerNorm_0": {"scale": jnp.linspace(0.5, 1.5, 7),
+                                                                 "bias": jnp.linspace(-0.1, 0.1, 7)},
+              "dense1": mlp_params()["dense1"]}
+
+    def loss(p, b):
+        h = b["x"] @ p["dense0"]["kernel"] + p["dense0"]["bias"]
+        h = (h - h.mean(-1, keepdims=True)) / (h.std(-1, keepdims=True) + 1e-5)
+        h = jnp.tanh(h * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"])
+        logp = jax.nn.log_softmax(h @ p["dense1"]["kernel"] + p["dense1"]["bias"])
+        return -jnp.mean(jnp.take_along_axis(logp, b["y"][:, None], axis=1))
+
+    batch, rho = make_batch(), 0.3
+    grad = jax.jit(jax.grad(loss))
+    g = np_tree(grad(params, batch))
+    g_norm_layer = g["LayerNorm_0"]
+    scale = rho / (np_norm(g_norm_layer) + 1e-12)
+    perturbed = {**params, "LayerNorm_0": tmap(lambda p, x: np.asarray(p) + scale * x, params["LayerNorm_0"],
+                                               g_norm_layer)}
+    expected = np_tree(grad(tmap(jnp.asarray, perturbed), batch))
+    est = flatjax.estimators.samon(loss, rho=rho)
+    _, d, _, _ = est.value_and_grad(params, est.init(params), batch)
+    assert_tree_close(np_tree(d), expected, rtol=2e-5)
+    sam_est = flatjax.estimators.sam(loss, rho=rho)
+    _, d_sam, _, _ = sam_est.value_and_grad(params, sam_est.init(params), batch)
+    assert not np.allclose(np.asarray(d["dense0"]["kernel"]), np.asarray(d_sam["dense0"]["kernel"]))
+    with pytest.raises(ValueError, match="norm_mask selects no parameter"):
+        bad = flatjax.estimators.samon(mlp_loss)
+        bad.value_and_grad(mlp_params(), bad.init(mlp_params()), batch)
