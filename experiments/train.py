@@ -13,7 +13,13 @@ Every run writes under ``--out`` (default ``runs/<timestamp>``), in ``<out>/<con
 (``flax.serialization.msgpack_serialize`` of the final ``params``), ``ckpt/`` (orbax checkpoints of
 params, model state, optimizer state and the step; the data position follows from the step because the
 :class:`flatjax.data.BatchIterator` order is a function of ``(seed, epoch, step)``), and TensorBoard
-events when ``tensorboardX`` is installed. ``<out>/results.md`` holds the Markdown results table.
+events when ``tensorboardX`` is installed. ``<out>/results.md`` holds the Markdown results table. These files
+are replaced atomically (never half-written). A run folder that already holds a run is refused unless
+``--resume`` continues it (the configuration stored in ``metrics.json`` must match, ``--steps`` aside;
+``--force-resume`` accepts a changed one) or ``--overwrite`` replaces it. Ctrl-C stops after the current
+update, saves a checkpoint and exits with code 130 (a second Ctrl-C stops at once); ``--resume`` continues.
+Flag values that cannot run (``--epochs 0``, ``--lr -1``, more ``--devices`` than there are ...) are
+rejected before any work.
 
 The update is one jitted step ``skip_nonfinite(chain(method, add_decayed_weights(wd), sgd(lr_t, momentum)))``
 (coupled weight decay, as the papers' torch SGD); BatchNorm statistics travel as the method's ``aux``
@@ -29,10 +35,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -131,6 +141,13 @@ def make_optimizer(cfg: TrainConfig, method: Any, total_steps: int, steps_per_ep
     return flatjax.skip_nonfinite(optax.chain(*([method] if method is not None else []), *base))
 
 
+def has_parallel_passes(cfg: TrainConfig) -> bool:
+    """Whether the method has independent passes for ``--probe-devices`` groups (else they duplicate work)."""
+    k = cfg.method_kwargs
+    return (cfg.method in ("mrwp", "marwp", "nso", "crsam") or (cfg.method == "wpsgd" and k.get("k", 1) > 1)
+            or (cfg.method in ("sam", "asam") and k.get("m") is not None))  # m-sharpness groups
+
+
 def make_probe_mesh(probe_devices: int, n_devices: int) -> jax.sharding.Mesh:
     """A ``(probe, data)`` mesh over the first ``n_devices`` devices: ``probe_devices`` groups."""
     auto = jax.sharding.AxisType.Auto
@@ -226,8 +243,9 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self.manager = ocp.CheckpointManager(
-            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.manager = ocp.CheckpointManager(  # the handler named up front: item_metadata before any restore
+            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -236,7 +254,14 @@ class Checkpointer:
         self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
 
     def restore(self, template: dict, step: int | None = None) -> dict:
+        """Raises ValueError naming the first array missing or shaped otherwise in the checkpoint: checked on
+        its metadata first, since a read that fails inside orbax leaves asyncio tracebacks on stderr."""
         step = self.latest_step() if step is None else step
+        stored, wanted = _leaf_shapes(self.manager.item_metadata(step)), _leaf_shapes(template)
+        for path in sorted(stored.keys() | wanted.keys(), key=lambda p: (not p.startswith("params"), p)):
+            if stored.get(path) != wanted.get(path):
+                raise ValueError(f"{path}: {stored.get(path, 'absent')} in the checkpoint, "
+                                 f"{wanted.get(path, 'absent')} here")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
         return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
@@ -245,11 +270,27 @@ class Checkpointer:
         self.manager.close()
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """``{"opt_state/inner_state/0/count": shape}``; NamedTuple fields and dict keys alike (orbax stores
+    NamedTuples as dicts)."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
+    return {"/".join(map(name, path)): tuple(getattr(x, "shape", np.shape(x)))
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Writes a temporary file in the same folder, then ``os.replace``: a crash or Ctrl-C mid-write leaves
+    the old file, never half of one (``--resume`` reads ``metrics.json``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 def save_params_msgpack(params: Any, path: Path) -> None:
     """Writes ``params`` with ``flax.serialization.msgpack_serialize`` (NumPy leaves)."""
     from flax import serialization
 
-    path.write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+    write_atomic(path, serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
 
 
 def mlp_params_as_dense(params: dict) -> dict | None:
@@ -288,19 +329,44 @@ class MetricsWriter:
                 for k, v in row.items():
                     if k not in ("epoch", "step") and v is not None:
                         self.tb.add_scalar(k, v, row["step"])
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, self.FIELDS)
-            w.writeheader()
-            w.writerows(self.history)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, self.FIELDS)
+        w.writeheader()
+        w.writerows(self.history)
+        write_atomic(self.run_dir / "metrics.csv", buf.getvalue())
         doc = {"config": self.config, "history": self.history, "summary": summary}
-        (self.run_dir / "metrics.json").write_text(json.dumps(doc, indent=1, default=str))
+        write_atomic(self.run_dir / "metrics.json", json.dumps(doc, indent=1, default=str))
 
 
-def _load_history(run_dir: Path, step: int) -> list[dict]:
+def _read_metrics(run_dir: Path) -> dict | None:
+    """The stored ``metrics.json``; None when missing or unreadable (a warning: the checkpoints are intact)."""
     path = run_dir / "metrics.json"
     if not path.exists():
-        return []
-    return [r for r in json.loads(path.read_text())["history"] if r["step"] <= step]
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if isinstance(doc["config"], dict) and isinstance(doc["history"], list):
+            return doc
+    except (ValueError, KeyError, TypeError):
+        pass
+    print(f"warning: {path} is unreadable (truncated?): the configuration is not checked and the history is "
+          "rebuilt from metrics.csv", file=sys.stderr)
+    return None
+
+
+def _load_history(run_dir: Path, doc: dict | None, step: int) -> list[dict]:
+    """The rows up to ``step``: from ``metrics.json`` (``doc``), else rebuilt from ``metrics.csv`` (else none)."""
+    if doc is not None:
+        rows = doc["history"]
+    else:
+        def num(k, v):
+            return None if v in ("", None) else int(v) if k in ("step", "skipped_steps") else float(v)
+        try:
+            with open(run_dir / "metrics.csv", newline="") as f:
+                rows = [{k: num(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
+        except (OSError, ValueError, TypeError):
+            rows = []
+    return [r for r in rows if r.get("step") is not None and r["step"] <= step]
 
 
 # ---- one run -----------------------------------------------------------------------------------------
@@ -325,6 +391,54 @@ class NonFiniteRunError(RuntimeError):
     """A run stopped because its updates kept being non-finite (every one skipped)."""
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run, or cannot continue the stored run; the CLI prints it as one line."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after update ``step``, whose checkpoint was saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted at update {step}; checkpoint saved; continue with --resume")
+        self.step = step
+
+
+class _StopOnSigint:
+    """While active, Ctrl-C only sets ``requested``: the loop then stops after the current update and saves
+    a checkpoint (a KeyboardInterrupt raised inside JAX can land in its GC callback and be swallowed; a flag
+    cannot). A second Ctrl-C raises KeyboardInterrupt at once. Signals reach the main thread only."""
+
+    def __enter__(self) -> "_StopOnSigint":
+        self.requested, self._prev = False, False
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._prev is not False:  # None: a handler not set from Python; Python's default then
+            signal.signal(signal.SIGINT, signal.default_int_handler if self._prev is None else self._prev)
+
+
+#: Stored config fields that do not change the trajectory (--steps legitimately grows when continuing).
+_NOT_TRAJECTORY = ("name", "source", "max_steps")
+
+
+def _check_same_config(run_dir: Path, stored: dict, current: dict) -> None:
+    """Raises :class:`ConfigError` naming the fields where ``current`` differs from the ``stored`` config
+    (fields the stored one lacks are not compared)."""
+    current = json.loads(json.dumps(current, default=str))  # as stored: tuples -> lists
+    diff = [f"{k} {stored[k]!r} -> {v!r}" for k, v in current.items()
+            if k in stored and k not in _NOT_TRAJECTORY and stored[k] != v]
+    if diff:
+        raise ConfigError(f"cannot resume {run_dir}: the configuration differs from the stored one: "
+                          f"{', '.join(diff)}; use the same flags, or --force-resume to continue with the new ones")
+
+
 #: Consecutive skipped (non-finite) updates after which a run stops with :class:`NonFiniteRunError`.
 MAX_CONSECUTIVE_SKIPS = 10
 #: A finished run with more skipped updates than this fraction makes the CLI exit non-zero.
@@ -334,7 +448,8 @@ MAX_SKIPPED_FRACTION = 0.05
 def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int | None = None,
               resume: bool = False, ckpt_every: int = 0, devices: int = 0, data_dir: str | None = None,
               progress: bool = True, model_kwargs: dict | None = None, per_device: bool = False,
-              data: tuple | None = None, eval_every: int = 1, probe_devices: int = 1) -> dict:
+              data: tuple | None = None, eval_every: int = 1, probe_devices: int = 1,
+              force_resume: bool = False) -> dict:
     """Trains ``cfg`` and returns its summary (final train loss, test accuracy, timings).
 
     Args:
@@ -342,7 +457,8 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
       run_dir: output folder of this run (created).
       seed: model initialisation, data order and the methods' noise streams.
       max_steps: stop after this many updates in total (schedules still span the full config).
-      resume: continue from the latest checkpoint in ``run_dir/ckpt`` if there is one.
+      resume: continue from the latest checkpoint in ``run_dir/ckpt`` if there is one; the config stored in
+        ``metrics.json`` must match (:class:`ConfigError` names the differing fields).
       ckpt_every: also checkpoint every this many updates (0: at the end of every epoch only).
       devices: number of devices to use data-parallel (0: all visible ones).
       data_dir: CIFAR folder or TFDS data dir.
@@ -356,6 +472,12 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
         passes in parallel (m-(A)RWP's two gradients, NSO's ±U pairs, CR-SAM's three points), each group
         data-parallel inside: a ``(probe, data)`` mesh and ``flatjax.ShardMapProbes(mesh, "probe",
         data_axis="data")``. 1 (default): plain data parallelism over all devices.
+      force_resume: resume even though the configuration differs from the stored one.
+
+    Raises:
+      ConfigError: a configuration that cannot run, or cannot continue the stored run.
+      NonFiniteRunError: too many consecutive non-finite updates.
+      TrainingInterrupted: Ctrl-C (after saving a checkpoint of the last update).
     """
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1 epoch, got {eval_every}")
@@ -379,26 +501,33 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     n_dev = devices or jax.device_count()
     mesh, probe_mesh, strategy = None, None, "auto"
     if probe_devices > 1:
-        if cfg.method == "sgd" or cfg.method in LETS_METHODS or n_dev % probe_devices:
-            raise ValueError(f"probe_devices={probe_devices} needs a flatjax method with parallel passes (not "
-                             f"sgd or LETS) and must divide the {n_dev} devices")
+        if not has_parallel_passes(cfg):
+            raise ValueError(f"probe_devices={probe_devices}: {cfg.method} {cfg.method_kwargs} has no independent "
+                             "passes to spread over device groups")
+        if n_dev % probe_devices:
+            raise ValueError(f"probe_devices={probe_devices} must divide the {n_dev} devices")
         probe_mesh = make_probe_mesh(probe_devices, n_dev)
         strategy = flatjax.ShardMapProbes(probe_mesh, "probe", data_axis="data")
     elif n_dev > 1:
         mesh = fdata.data_mesh(jax.devices()[:n_dev])
     data_parallel = n_dev // max(probe_devices, 1)
     if cfg.batch_size % data_parallel:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {data_parallel} data-parallel "
-                         "devices")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {data_parallel} data-parallel "
+                          "devices")
     per_update = 2 if cfg.two_batches else 1
+    n_train = len(train.label)
+    if cfg.batch_size * per_update > n_train:  # no full update per epoch
+        raise ConfigError(f"--batch-size {cfg.batch_size} is too large: {cfg.method} takes {per_update} batch(es) "
+                          f"per update from {n_train} training examples; accepted range 1..{n_train // per_update}")
     it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2)
     # LETS's validation batches: the training set in an independent order (a function of seed, epoch, step)
     val_it = (fdata.BatchIterator(train, cfg.batch_size, seed=seed + 1, transform=train_tf, prefetch=2)
               if cfg.method in LETS_METHODS else None)
     steps_per_epoch = len(it) // per_update
     total_steps = cfg.epochs * steps_per_epoch
+    per_device = per_device and mesh is not None
     method = make_method(cfg, loss_fn, model_state, total_steps, seed, "data" if mesh else None,
-                         per_device=per_device and mesh is not None, strategy=strategy)
+                         per_device=per_device, strategy=strategy)
     tx = make_optimizer(cfg, method, total_steps, steps_per_epoch, loss_fn=loss_fn, model_state=model_state,
                         axis_name="data" if mesh else None)
     step_fn = make_train_step(cfg, loss_fn, tx, mesh, replicate_on=probe_mesh)
@@ -407,77 +536,94 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
 
     state = {"params": params, "model_state": model_state, "opt_state": tx.init(params),
              "step": np.int64(0)}
-    ckpt = Checkpointer(run_dir / "ckpt")
-    if resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-    start = int(state["step"])
-    history = _load_history(run_dir, start) if start else []
-    cfg_dict = {**vars(cfg), "seed": seed, "devices": n_dev, "probe_devices": probe_devices,
-                "steps_per_epoch": steps_per_epoch,
+    cfg_dict = {**vars(cfg), "model_kwargs": mkw, "seed": seed, "devices": n_dev, "probe_devices": probe_devices,
+                "per_device": per_device, "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "max_steps": max_steps}
-    writer = MetricsWriter(run_dir, cfg_dict, history)
-    end = total_steps if max_steps is None else min(max_steps, total_steps)
-    dropout_base = jax.random.key(seed + 1)
+    ckpt = Checkpointer(run_dir / "ckpt")
+    try:  # closed on every exit: an open manager buries the error under asyncio tracebacks at shutdown
+        doc = None
+        if resume and ckpt.latest_step() is not None:
+            doc = _read_metrics(run_dir)
+            if doc is not None and not force_resume:
+                _check_same_config(run_dir, doc["config"], cfg_dict)
+            try:
+                state = ckpt.restore(state)
+            except ValueError as err:  # other shapes or tree structure
+                raise ConfigError(f"cannot resume {run_dir}: the checkpoint does not match this configuration "
+                                  f"({(str(err) or 'ValueError').splitlines()[0]})") from err
+        start = int(state["step"])
+        history = _load_history(run_dir, doc, start) if start else []
+        writer = MetricsWriter(run_dir, cfg_dict, history)
+        writer.log({})  # the config is on disk from the start: --resume compares against it
+        end = total_steps if max_steps is None else min(max_steps, total_steps)
+        dropout_base = jax.random.key(seed + 1)
 
-    placed = mesh if mesh is not None else probe_mesh
+        placed = mesh if mesh is not None else probe_mesh
 
-    def put(b):
-        return None if b is None else (fdata.shard_batch(b, placed) if placed is not None else b)
+        def put(b):
+            return None if b is None else (fdata.shard_batch(b, placed) if placed is not None else b)
 
-    if placed is not None:  # replicate the state up front, so the first step's outputs match its inputs
-        state = jax.device_put(state, jax.sharding.NamedSharding(placed, P()))
-    params, model_state, opt_state = state["params"], state["model_state"], state["opt_state"]
-    step, compile_s, step_times, last_loss = start, 0.0, [], float("nan")
-    bar = tqdm(total=end, initial=start, desc=cfg.name, disable=not progress, leave=False, dynamic_ncols=True)
-    epoch = start // steps_per_epoch
-    while step < end:
-        t_epoch, losses = time.perf_counter(), []
-        for b0, b1 in _batches(it, epoch, step - epoch * steps_per_epoch, per_update, val_it):
-            if step >= end:
-                break
-            key = jax.random.fold_in(dropout_base, step)
-            t0 = time.perf_counter()
-            params, model_state, opt_state, loss = step_fn(params, model_state, opt_state, put(b0), put(b1), key)
-            last_loss = float(loss)  # waits for the step
-            consecutive = int(opt_state.notfinite_count)
-            if consecutive >= MAX_CONSECUTIVE_SKIPS:
-                bar.close()
-                ckpt.close()
-                raise NonFiniteRunError(
-                    f"{cfg.name}: stopped at update {step + 1}: the last {consecutive} updates were non-finite "
-                    f"(NaN/Inf in the loss or gradients) and were skipped; {int(opt_state.total_notfinite)} "
-                    "skipped in all. Check the learning rate and the method's hyper-parameters (e.g. --lr nan "
-                    "or a radius/noise scale far too large) and the data.")
-            dt = time.perf_counter() - t0
-            if compile_s == 0.0:
-                compile_s = dt  # the first call of this process compiles
-            else:
-                step_times.append(dt)
-            losses.append(last_loss)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch, refresh=False)
-            if ckpt_every and step % ckpt_every == 0:
-                ckpt.save(step, {"params": params, "model_state": model_state, "opt_state": opt_state,
-                                 "step": np.int64(step)})
-        epoch_done = step % steps_per_epoch == 0 or step >= end
-        if epoch_done:
-            epoch_seconds = time.perf_counter() - t_epoch  # training only, before the evaluation
-            test_loss, test_acc = (evaluate(params, model_state, test)
-                                   if (epoch + 1) % eval_every == 0 or step >= end else (None, None))
-            skipped = int(opt_state.total_notfinite)
-            writer.log({"epoch": round(step / steps_per_epoch, 4), "step": step,
-                        "train_loss": float(np.mean(losses)) if losses else None,
-                        "test_loss": test_loss, "test_acc": test_acc,
-                        "epoch_seconds": epoch_seconds,
-                        "step_ms": 1e3 * float(np.mean(step_times)) if step_times else None,
-                        "skipped_steps": skipped})
-            if ckpt.latest_step() != step:
-                ckpt.save(step, {"params": params, "model_state": model_state, "opt_state": opt_state,
-                                 "step": np.int64(step)})
-        epoch += 1
-    bar.close()
-    ckpt.close()
+        def save():
+            ckpt.save(step, {"params": params, "model_state": model_state, "opt_state": opt_state,
+                             "step": np.int64(step)})
+
+        if placed is not None:  # replicate the state up front, so the first step's outputs match its inputs
+            state = jax.device_put(state, jax.sharding.NamedSharding(placed, P()))
+        params, model_state, opt_state = state["params"], state["model_state"], state["opt_state"]
+        step, compile_s, step_times, last_loss = start, 0.0, [], float("nan")
+        epoch = start // steps_per_epoch
+        with (tqdm(total=end, initial=start, desc=cfg.name, disable=not progress, leave=False,
+                   dynamic_ncols=True) as bar, _StopOnSigint() as stop):
+            while step < end and not stop.requested:
+                t_epoch, losses = time.perf_counter(), []
+                for b0, b1 in _batches(it, epoch, step - epoch * steps_per_epoch, per_update, val_it):
+                    if step >= end or stop.requested:
+                        break
+                    key = jax.random.fold_in(dropout_base, step)
+                    t0 = time.perf_counter()
+                    params, model_state, opt_state, loss = step_fn(params, model_state, opt_state, put(b0),
+                                                                   put(b1), key)
+                    last_loss = float(loss)  # waits for the step
+                    consecutive = int(opt_state.notfinite_count)
+                    if consecutive >= MAX_CONSECUTIVE_SKIPS:
+                        raise NonFiniteRunError(
+                            f"{cfg.name}: stopped at update {step + 1}: the last {consecutive} updates were "
+                            f"non-finite (NaN/Inf in the loss or gradients) and were skipped; "
+                            f"{int(opt_state.total_notfinite)} skipped in all. Check the learning rate and the "
+                            "method's hyper-parameters (e.g. --lr nan or a radius/noise scale far too large) "
+                            "and the data.")
+                    dt = time.perf_counter() - t0
+                    if compile_s == 0.0:
+                        compile_s = dt  # the first call of this process compiles
+                    else:
+                        step_times.append(dt)
+                    losses.append(last_loss)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch, refresh=False)
+                    if ckpt_every and step % ckpt_every == 0:
+                        save()
+                epoch_done = step % steps_per_epoch == 0 or step >= end
+                if epoch_done:
+                    epoch_seconds = time.perf_counter() - t_epoch  # training only, before the evaluation
+                    test_loss, test_acc = (evaluate(params, model_state, test)
+                                           if (epoch + 1) % eval_every == 0 or step >= end else (None, None))
+                    skipped = int(opt_state.total_notfinite)
+                    writer.log({"epoch": round(step / steps_per_epoch, 4), "step": step,
+                                "train_loss": float(np.mean(losses)) if losses else None,
+                                "test_loss": test_loss, "test_acc": test_acc,
+                                "epoch_seconds": epoch_seconds,
+                                "step_ms": 1e3 * float(np.mean(step_times)) if step_times else None,
+                                "skipped_steps": skipped})
+                    if ckpt.latest_step() != step:
+                        save()
+                epoch += 1
+            if stop.requested and step < end:  # Ctrl-C: keep the updates done so far
+                if ckpt.latest_step() != step:
+                    save()
+                raise TrainingInterrupted(step)
+    finally:
+        ckpt.close()
     save_params_msgpack(params, run_dir / "params.msgpack")
     dense = mlp_params_as_dense(params)
     if dense is not None:
@@ -541,7 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="stop after this many updates (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default runs/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints under --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints under --out (the configuration must be the same)")
+    p.add_argument("--force-resume", action="store_true", help="--resume even with a changed configuration")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs already under --out")
     p.add_argument("--eval-every", type=int, default=1, help="test-set evaluation every N epochs (and at the end)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N updates (0: every epoch)")
     p.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0: all)")
@@ -554,6 +703,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, nargs="*", help="MLP hidden widths (model option)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cfgs: Sequence[TrainConfig]) -> None:
+    """``p.error`` for flag values that would crash later or quietly train something else, before any work."""
+    for name, low in (("epochs", 1), ("batch_size", 1), ("steps", 1), ("seed", 0), ("eval_every", 1),
+                      ("ckpt_every", 0), ("devices", 0), ("probe_devices", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}")
+    if args.lr is not None and args.lr <= 0:  # NaN passes: the non-finite guard stops it (test_d2)
+        p.error(f"--lr must be a number > 0, got {args.lr}")
+    if args.devices > jax.device_count():
+        p.error(f"--devices must be between 0 (all) and the {jax.device_count()} available devices, got "
+                f"{args.devices}")
+    n_dev, methods = args.devices or jax.device_count(), sorted({c.method for c in cfgs})
+    if args.probe_devices > n_dev:
+        p.error(f"--probe-devices must be between 1 and the {n_dev} devices used, got {args.probe_devices}")
+    serial = sorted({c.method for c in cfgs if not has_parallel_passes(c)})
+    if args.probe_devices > 1 and serial:
+        p.error(f"--probe-devices {args.probe_devices}: {', '.join(serial)} has no independent passes to spread "
+                "over device groups (mrwp, marwp, nso, crsam, wpsgd with k > 1, sam/asam with m have); use 1")
+    if args.per_device and (n_dev < 2 or args.probe_devices > 1 or set(methods) - {"sam", "asam"}):
+        p.error(f"--per-device needs sam or asam on 2 or more data-parallel devices (--probe-devices 1); got "
+                f"{', '.join(methods)} on {n_dev} device(s), --probe-devices {args.probe_devices}")
+    if args.hidden is not None:
+        if any(h < 1 for h in args.hidden):
+            p.error(f"--hidden widths must be integers >= 1, got {args.hidden}")
+        if {c.model for c in cfgs} - {"mlp"}:
+            p.error(f"--hidden sets the widths of the mlp model only; the model is "
+                    f"{', '.join(sorted({c.model for c in cfgs}))} (drop --hidden or use --model mlp)")
+    if args.overwrite and (args.resume or args.force_resume):
+        p.error("--overwrite replaces the stored runs; --resume continues them: give one")
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return (any((run_dir / n).exists() for n in ("metrics.json", "params.msgpack"))
+            or any((run_dir / "ckpt").glob("*")))
 
 
 def _method_fields(cfg: TrainConfig) -> dict:
@@ -581,7 +766,8 @@ def resolve_configs(args: argparse.Namespace) -> list[TrainConfig]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the CLI; returns the summaries of the runs (each with its final ``params`` and ``model_state``)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.list_configs:
         for name, c in sorted(CONFIGS.items()):
             print(f"{name:28s} {c.dataset:9s} {c.model:9s} {c.method:6s} {c.method_kwargs} "
@@ -591,25 +777,36 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         cfgs = resolve_configs(args)
     except KeyError as e:
         raise SystemExit(f"error: {e.args[0]}") from None
+    check_args(parser, args, cfgs)
     out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    resume = args.resume or args.force_resume
+    for cfg in cfgs:  # before any training: a second run would delete the first one's newest checkpoints
+        if not resume and _holds_run(out / cfg.name):
+            if not args.overwrite:
+                raise SystemExit(f"error: {out / cfg.name} already holds a run: continue it with --resume, "
+                                 "write to another --out, or replace it with --overwrite")
+            shutil.rmtree(out / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     mkw = {"hidden": tuple(args.hidden)} if args.hidden is not None else None
     results = []
     for cfg in cfgs:
         try:
             results.append(train_one(cfg, out / cfg.name, seed=args.seed, max_steps=args.steps,
-                                     resume=args.resume, ckpt_every=args.ckpt_every, devices=args.devices,
+                                     resume=resume, ckpt_every=args.ckpt_every, devices=args.devices,
                                      data_dir=args.data_dir, progress=not args.no_progress, model_kwargs=mkw,
                                      per_device=args.per_device, eval_every=args.eval_every,
-                                     probe_devices=args.probe_devices))
-        except NonFiniteRunError as err:
+                                     probe_devices=args.probe_devices, force_resume=args.force_resume))
+        except (NonFiniteRunError, ConfigError) as err:
             raise SystemExit(f"error: {err}") from None
+        except TrainingInterrupted as err:
+            print(err, file=sys.stderr)
+            raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C
     title = (f"{', '.join(sorted({c.dataset for c in cfgs}))} / {', '.join(sorted({c.model for c in cfgs}))}, "
              f"jax {jax.__version__} on {jax.default_backend()} x{args.devices or jax.device_count()}")
     table = results_table(results, title)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k not in ("params", "model_state")}
-                                                  for r in results], indent=1))
+    write_atomic(out / "results.md", table)
+    rows = [{k: v for k, v in r.items() if k not in ("params", "model_state")} for r in results]
+    write_atomic(out / "results.json", json.dumps(rows, indent=1))
     print(table)
     print(f"wrote {out}/", file=sys.stderr)
     bad = [r for r in results if r["skipped_steps"] > MAX_SKIPPED_FRACTION * max(r["steps"], 1)]
