@@ -1,10 +1,9 @@
 """Training configurations as code for ``python -m experiments.train --config NAME``.
 
-One :class:`TrainConfig` per row of the seed papers' CIFAR tables that the spec
-(``/work/shared/spec/ALGORITHMS.md`` and ``official-code-notes.md``) pins down, plus
-``digits_*`` configs that run offline in seconds. Each paper config names its source in
-a comment; values marked ``(verify)`` are not fixed by the spec and follow the closest
-official setup.
+One :class:`TrainConfig` per row of the seed papers' CIFAR tables whose settings the papers and
+their official code pin down (``docs/algorithms.md`` lists each method's defaults), plus ``digits_*``
+configs that run offline in seconds. Each paper config names its source; values marked ``(verify)``
+are not fixed by the papers and follow the closest official setup.
 
 Conventions shared by every config:
 
@@ -88,12 +87,12 @@ _RWP_BASE = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=256, epochs
 _C = {"cifar10": 10, "cifar100": 100}
 for _data in ("cifar10", "cifar100"):
     for _model, _tag in (("resnet18", "resnet18"), ("vgg16_bn", "vgg16bn"), ("wrn28_10", "wrn28_10")):
-        # SAM baseline of the RWP paper's tables, ρ grid-searched there (ALGORITHMS.md, SAM defaults).
+        # SAM baseline of the RWP paper's tables, ρ grid-searched there (the RWP paper's SAM rows).
         _rho = {("cifar10", "resnet18"): 0.1, ("cifar10", "vgg16_bn"): 0.05, ("cifar10", "wrn28_10"): 0.1,
                 ("cifar100", "resnet18"): 0.2, ("cifar100", "vgg16_bn"): 0.1,
                 ("cifar100", "wrn28_10"): 0.2}[(_data, _model)]
         _add(TrainConfig(f"{_data}_{_tag}_sam", _data, _model, "sam", {"rho": _rho},
-                         source="RWP paper SAM baseline, rho grid-searched (ALGORITHMS.md SAM)", **_RWP_BASE))
+                         source="RWP paper SAM baseline, rho grid-searched there", **_RWP_BASE))
         _add(TrainConfig(f"{_data}_{_tag}_sgd", _data, _model, "sgd",
                          source="RWP paper SGD baseline (official scripts' base optimizer)", **_RWP_BASE))
         # RWP/ARWP: 1x loop, sigma cosine-increasing 0.001 -> 0.011 (official train_rwp_cos.py script;
@@ -112,12 +111,12 @@ for _data in ("cifar10", "cifar100"):
                          {"sigma": 0.015, "lam": 0.5, "eta": 0.1, "beta": 0.99}, two_batches=True,
                          source="RWP paper, official run_mrwp.sh / train_marwp.py", **_mbase))
 
-# ---- ASAM (Kwon et al. 2021) — LETS-ASAM baseline. rho 0.5 / 1.0, eta 0.01 (ALGORITHMS.md); base as the
+# ---- ASAM (Kwon et al. 2021) — LETS-ASAM baseline. rho 0.5 / 1.0, eta 0.01 (ASAM paper); base as the
 # ASAM paper's CIFAR runs: lr 0.1, batch 128, wd 5e-4, 200 epochs (verify).
 for _data, _rho in (("cifar10", 0.5), ("cifar100", 1.0)):
     _add(TrainConfig(f"{_data}_resnet18_asam", _data, "resnet18", "asam", {"rho": _rho, "eta": 0.01},
                      lr=0.1, batch_size=128, weight_decay=5e-4, epochs=200,
-                     source="ASAM, Kwon et al. 2021 (rho per ALGORITHMS.md; base optimizer verify)"))
+                     source="ASAM, Kwon et al. 2021 (rho, eta from the paper; base optimizer verify)"))
 
 # ---- CR-SAM (Wu et al., AAAI 2024, Table 4 = official code defaults): lr 0.05 cosine, momentum 0.9,
 # batch 128, wd 5e-3 (1e-3 for WRN), 200 epochs; code form of the direction.
@@ -146,10 +145,10 @@ for _data, _asam_rho in (("cifar10", 0.5), ("cifar100", 1.0)):
     for _model, _tag in (("resnet18", "resnet18"), ("wrn28_10", "wrn28_10")):
         _add(TrainConfig(f"{_data}_{_tag}_lets", _data, _model, "lets", {"rho": 0.05},
                          lr=0.1, batch_size=128, weight_decay=5e-4, epochs=200,
-                         source="LETS-SAM (ALGORITHMS.md LETS; base optimizer verify)"))
+                         source="LETS-SAM, Wang et al. 2024 (initial rho = SAM's; base optimizer verify)"))
         _add(TrainConfig(f"{_data}_{_tag}_lets_asam", _data, _model, "lets_asam", {"rho": _asam_rho, "eta": 0.01},
                          lr=0.1, batch_size=128, weight_decay=5e-4, epochs=200,
-                         source="LETS-ASAM (ALGORITHMS.md LETS + ASAM; base optimizer verify)"))
+                         source="LETS-ASAM, Wang et al. 2024 (initial rho = ASAM's; base optimizer verify)"))
 
 # ---- Offline digits configs (scikit-learn 8x8 digits, MLP 64-128-128-10): quick sanity runs with each
 # method at its paper default; sigma of the RWP family as in experiments/quickstart.py (digits-scaled).

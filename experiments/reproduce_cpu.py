@@ -187,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     try:
         data = load_protocol_data(args.data_dir, args.train_per_class, args.cache_dir)
     except fdata.DatasetNotFoundError as e:
-        raise SystemExit(f"error: {e}\n(../shared/data/README.md describes a copy on the development "
-                         "machines: unpack it and pass --data-dir.)") from None
+        raise SystemExit(f"error: {e}\n(a CIFAR-10 image folder: train/<class>/*.jpg and test/<class>/*.jpg; "
+                         "pass it with --data-dir or $FLATJAX_CIFAR10_DIR)") from None
     train, test, _, eval_tf = data
     sharp_data = sharpness_batches(train, eval_tf, min(args.sharpness_images, len(train)), args.seed)
     graphdef, params0, _ = fmodels.split_model(fmodels.create(MODEL, len(train.class_names), seed=args.seed))

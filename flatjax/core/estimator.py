@@ -29,6 +29,9 @@ Randomness: the state holds a PRNG key made from ``seed``; step ``t`` uses ``fol
 same seed gives the same directions on every backend and strategy, and checkpoints resume exactly.
 Arithmetic runs in ``promote_types(param dtype, float32)``: float64 parameters (``jax_enable_x64``)
 get float64 directions, bfloat16 ones float32 accumulation.
+
+Every method is a direction rule given to :func:`rule_estimator` (LETS, which also updates its own
+radius, builds its estimator directly). How to write one: ``docs/algorithms.md``, "Writing a method".
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from flatjax.core import validate as checks
-from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, check_strategy
+from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, after, check_strategy
 from flatjax.core.schedule import ScalarOrSchedule, value_at
 from flatjax.core.tree import PyTree, cast_like, compute_dtype, merge, select
 
@@ -69,7 +72,17 @@ class Info(NamedTuple):
 
 
 class Direction(NamedTuple):
-    """What a method's direction rule returns for one step."""
+    """What a method's direction rule returns for one step.
+
+    Attributes:
+      updates: the descent direction, a pytree like ``ctx.params``.
+      method: the new method state (``()`` for stateless methods).
+      loss: the loss reported as the step's loss (NaN where the rule did not measure it).
+      aux: the ``aux`` of the pass the method documents; None when not measured this step (a reused
+        clean gradient).
+      probe_losses: every loss evaluated, ``n_probes`` of them, in the documented order.
+      diagnostics: a dict of scalars containing at least the declared ``diagnostics`` names.
+    """
 
     updates: PyTree
     method: PyTree
@@ -81,7 +94,19 @@ class Direction(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StepContext:
-    """Everything a direction rule may use in one step."""
+    """Everything a direction rule may use in one step.
+
+    Attributes:
+      params: the parameters the rule works on (only the trainable leaves when ``trainable`` is set).
+      batch: the step's mini-batch.
+      perturbed_batch: the second batch given as ``perturbed_batch=`` (m-(A)RWP's B1), else ``batch``.
+      clean_grad: the user's ``∇L_B(w)`` when given and the estimator was built with
+        ``reuse_gradient=True``; None otherwise (then compute it yourself).
+      key: this step's PRNG key (``fold_in(seed key, count)``, or the ``key=`` handed to the step).
+      count: int32 number of completed steps (what schedules see).
+      evaluator: the probe evaluator (use the methods below rather than calling it directly).
+      dtype: the arithmetic dtype, ``promote_types(param dtype, float32)``.
+    """
 
     params: PyTree
     batch: PyTree
@@ -97,16 +122,32 @@ class StepContext:
         return value_at(hyper, self.count, self.dtype)
 
     def value_and_grad(self, params, batch, *, reduce=True):
+        """``(loss, aux, grad)`` of ``loss_fn`` at ``params`` on ``batch`` (one gradient pass).
+
+        ``aux`` is None without ``has_aux``. Under ``axis_name`` the loss and gradient are averaged over
+        devices unless ``reduce=False`` (the device's own gradient, e.g. per-device perturbations).
+        """
         return self.evaluator.value_and_grad(params, batch, reduce=reduce)
 
     def probes(self, *, points: Sequence[PyTree] | None = None, batches: Sequence[PyTree] | None = None,
                params: PyTree = None, batch: PyTree = None, reduce: bool = True) -> Probes:
-        """Evaluate at several points: give ``points`` (one per probe) or one shared ``params``, and
-        ``batches`` (one per probe) or one shared ``batch``."""
+        """Evaluate at several INDEPENDENT points: give ``points`` (one per probe) or one shared
+        ``params``, and ``batches`` (one per probe) or one shared ``batch``.
+
+        Returns :class:`~flatjax.core.evaluate.Probes` ``(losses, aux, grads)`` stacked along a leading
+        probe axis (take one with :func:`flatjax.core.tree.index`). The estimator's ``strategy`` decides
+        how they run (one after another, vmapped, or on device groups); the result is the same.
+        """
         return self.evaluator.probes(points=points, batches=batches, params=params, batch=batch, reduce=reduce)
 
+    def after(self, tree: PyTree, grads: PyTree) -> PyTree:
+        """``tree``, made to wait for ``grads`` under the "sequential" strategy (one pass at a time, so
+        the peak memory is one pass's); unchanged under the parallel strategies."""
+        return after(tree, grads) if self.evaluator.strategy == "sequential" else tree
+
     def probes_stacked(self, points: PyTree, batch: PyTree, *, reduce: bool = True) -> Probes:
-        """Evaluate at every slice of stacked ``points`` on one batch, tracing the gradient once."""
+        """Evaluate at every slice of stacked ``points`` (leaves with a leading probe axis) on one batch,
+        tracing the gradient once: compile time does not grow with the number of probes."""
         return self.evaluator.probes_stacked(points, batch, reduce=reduce)
 
 
@@ -166,6 +207,32 @@ def rule_estimator(
       trainable: None (every parameter), or a pytree of bools like params (or ``params -> tree``): the
         rule then runs on the trainable leaves only — frozen leaves are neither perturbed nor counted in
         norms or noise — and their direction is zero.
+
+    The estimator checks its inputs, builds the :class:`StepContext`, calls ``direction``, checks the
+    declared diagnostics, casts the direction to the parameters' dtypes and advances the step count.
+    Full guide: ``docs/algorithms.md``, "Writing a method".
+
+    Example (a two-pass rule written from scratch: the gradient at ``w − 0.1 g``, "look-behind")::
+
+        >>> import jax.numpy as jnp
+        >>> from flatjax.core import Direction, rule_estimator
+        >>> from flatjax.core.tree import add_scaled
+        >>> def direction(ctx, method_state):
+        ...     loss, aux, g = ctx.value_and_grad(ctx.params, ctx.batch)
+        ...     step = ctx.value(0.1)
+        ...     loss1, _, d = ctx.value_and_grad(add_scaled(ctx.params, g, -step), ctx.batch)
+        ...     return Direction(d, method_state, loss, aux, jnp.stack([loss, loss1]), {"step": step})
+        >>> loss_fn = lambda w, batch: jnp.sum((w["x"] - batch) ** 2)
+        >>> est = rule_estimator(name="lookbehind", loss_fn=loss_fn, direction=direction,
+        ...                      init_method_state=lambda params: (), n_probes=2, diagnostics=("step",),
+        ...                      has_aux=False, seed=0, strategy="sequential", axis_name=None,
+        ...                      reuse_gradient=False)
+        >>> params = {"x": jnp.array([1.0, 2.0])}
+        >>> loss, d, state, info = est.value_and_grad(params, est.init(params), jnp.zeros(2))
+        >>> [round(float(x), 4) for x in d["x"]], [round(float(x), 4) for x in info.probe_losses]
+        ([1.6, 3.2], [5.0, 3.2])
+        >>> int(state.count)
+        1
     """
     checks.check_callable("loss_fn", loss_fn)
     checks.check_bool("has_aux", has_aux)
@@ -251,8 +318,13 @@ def gradient(loss_fn: Callable[..., Any], *, has_aux: bool = False, axis_name: s
 
     Example::
 
-        est = flatjax.estimators.sgd(loss_fn)
-        loss, grads, est_state, info = est.value_and_grad(params, est.init(params), batch)
+        >>> import jax.numpy as jnp, flatjax
+        >>> loss_fn = lambda w, batch: jnp.sum((w["x"] - batch) ** 2)
+        >>> params = {"x": jnp.array([1.0, 2.0])}
+        >>> est = flatjax.estimators.sgd(loss_fn)
+        >>> loss, grads, est_state, info = est.value_and_grad(params, est.init(params), jnp.zeros(2))
+        >>> float(loss), grads["x"].tolist()
+        (5.0, [2.0, 4.0])
     """
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:

@@ -3,7 +3,13 @@
 Flax convention: a "filter" is one output unit, the LAST axis of a kernel with ``ndim > 1`` (Conv
 ``(H, W, in, out)``, Dense ``(in, out)``); its norm reduces over every other (fan-in) axis. PyTorch code
 (the papers') keeps the output axis first. Leaves with ``ndim <= 1`` (biases, norm scales/offsets,
-scalars) are one filter as a whole for the noise scale (see ALGORITHMS.md, RWP section).
+scalars) are one filter as a whole for the noise scale, as in the official RWP/ARWP code; ARWP's
+history is summed per filter for kernels but taken per element for such leaves. The rules in full:
+``docs/algorithms.md``.
+
+Public building blocks for new methods: :func:`normalized_ascent` (SAM), :func:`adaptive_ascent` and
+:func:`default_adaptive_mask` (ASAM), :func:`filterwise_gaussian` and :func:`accumulate_squares`
+(RWP/ARWP), :func:`isotropic_noise` and :func:`unit_noise` (NSO/WP-SGD).
 """
 
 from __future__ import annotations

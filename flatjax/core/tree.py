@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 PyTree = Any
 
-#: Guard against division by zero in normalized directions (ALGORITHMS.md: ξ = 1e-12).
+#: ξ, the guard against division by zero in normalized directions (``g / (‖g‖ + ξ)``).
 XI = 1e-12
 
 

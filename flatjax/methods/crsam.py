@@ -13,6 +13,10 @@ Two forms:
   β(∇L+ − ∇L−)/s``. Where ``c`` or ``s`` ≤ ``log_floor`` (a flat or non-convex direction, or a zero
   gradient) the logarithm's argument is clamped at ``log_floor`` and that term's gradient is ZERO
   (the clamped function is constant there), so the step falls back to SAM for that term.
+
+The paper writes its regularizer with random directions ``v ~ N(0, I)`` and then restricts ``v`` to the
+normalized gradient, as here. Its released code drops the logarithms (no division by ``c`` and ``s``)
+and calls α ``gamma``. Details and the papers' settings: ``docs/algorithms.md`` (CR-SAM).
 """
 
 from __future__ import annotations
@@ -35,7 +39,16 @@ FORMS = ("code", "log")
 def combine(grad_plus: PyTree, grad_minus: PyTree, grad: PyTree, wc: jax.Array, ws: jax.Array) -> PyTree:
     """CR-SAM's direction ``∇L+ + wc (∇L+ + ∇L− − 2g) + ws (∇L+ − ∇L−)`` (promoted-dtype accumulation).
 
-    ``wc, ws`` are α, β in the code form and α/c, β/s (clamped) in the log form.
+    ``wc, ws`` are α, β in the code form and α/c, β/s (clamped) in the log form. A public building
+    block: LETS uses it for its CR-SAM inner method, and new methods may too.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from flatjax.methods.crsam import combine
+        >>> d = combine({"x": jnp.array(3.0)}, {"x": jnp.array(1.0)}, {"x": jnp.array(2.0)}, 0.5, 0.1)
+        >>> round(float(d["x"]), 4)   # 3 + 0.5·(3 + 1 − 4) + 0.1·(3 − 1)
+        3.2
     """
 
     def leaf(p, m, g0):
@@ -81,6 +94,19 @@ def crsam(
     by it, so float32 round-off in the losses is amplified — probe strategies (which sum in different
     orders) agree to about 1e-6 relative per step and drift apart to about 1e-5 over tens of steps.
     With float64 parameters (``jax_enable_x64``) the rule is exact to about 1e-12.
+
+    Example (on ``L = ‖w‖²``: ``vᵀHv = 2`` and the slope estimate is ``‖g‖``)::
+
+        >>> import jax.numpy as jnp, optax, flatjax
+        >>> loss_fn = lambda w, batch: jnp.sum((w["x"] - batch) ** 2)
+        >>> params, batch = {"x": jnp.array([1.0, 2.0])}, jnp.zeros(2)
+        >>> est = flatjax.estimators.crsam(loss_fn, rho=0.1, alpha=0.1, beta=0.01)
+        >>> loss, grads, est_state, info = est.value_and_grad(params, est.init(params), batch)
+        >>> [round(float(x), 4) for x in info.probe_losses]         # [L0, L+, L−]
+        [5.0, 5.4572, 4.5628]
+        >>> round(float(info.diagnostics["curvature"]), 2), round(float(info.diagnostics["slope"]), 2)
+        (2.0, 4.47)
+        >>> tx = optax.chain(flatjax.crsam(loss_fn, rho=0.1), optax.sgd(0.05, momentum=0.9))   # Optax form
     """
     rho = guarded("rho", rho, low=0.0)
     alpha = guarded("alpha", alpha, low=0.0)

@@ -60,6 +60,8 @@ def gsam(
         >>> loss, grads, state, info = est.value_and_grad(params, est.init(params), jnp.zeros(2))
         >>> float(loss), sorted(info.diagnostics)
         (5.0, ['alpha', 'grad_norm', 'rho', 'surrogate_gap'])
+        >>> import optax
+        >>> tx = optax.chain(flatjax.gsam(loss_fn, rho=0.1, alpha=0.5), optax.sgd(0.1, momentum=0.9))
     """
     rho = guarded("rho", rho, low=0.0)
     alpha = guarded("alpha", alpha, low=0.0)

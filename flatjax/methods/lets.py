@@ -1,9 +1,10 @@
 """LETS: learn the perturbation radius ρ of a SAM-family method by bilevel optimization.
 
 Wang, Jiang, Fu, Zhang, "LETS: Learning the Perturbation Radius for Sharpness-Aware Minimization",
-ECML-PKDD 2024, arXiv 2408.08222. **No official code exists** (see ``official-code-notes.md`` §3), and
-the equations of the stored paper text are lost, so this module follows the derivation in
-ALGORITHMS.md (LETS section), generalised to any Optax base optimizer as explained below.
+ECML-PKDD 2024, arXiv 2408.08222. **No official code was found**, and the paper does not spell out its
+hypergradient in a form we could check, so this module implements the derivation below (exact for the
+one-step unrolled lower level), generalised to any Optax base optimizer. Summary and settings:
+``docs/algorithms.md`` (LETS).
 
 One update, training batch B and validation batch V (the paper samples V from the training set)::
 
@@ -19,18 +20,19 @@ One update, training batch B and validation batch V (the paper samples V from th
   through the gradient(s) at the perturbed point(s): for SAM/ASAM ``dd/dρ = H_B(w + ρv) v``.
 * ``J_u`` is the Jacobian of the base optimizer's update with respect to its input direction, applied
   with ``jax.jvp(lambda x: base.update(x, base_state, w)[0], (d,), (dd/dρ,))``: exact and cheap
-  (element-wise) for ANY Optax base. For SGD it is −γ, and momentum and coupled weight decay add terms
-  that do not depend on ρ, so ALGORITHMS.md's ``dF/dρ = −γ · gap · ⟨…, H v⟩`` is the SGD special case.
+  (element-wise) for ANY Optax base. For SGD it is −γ (γ the current learning rate), and momentum and
+  coupled weight decay add terms that do not depend on ρ, so the SGD form
+  ``dF/dρ = −γ · gap · ⟨∇L_V(w') − ∇L_B(w'), H_B(w + e) v⟩`` is a special case.
   For Adam it is the true one-step Jacobian, which also differentiates the second moment ν̂ with
-  respect to d (ALGORITHMS.md's "multiply by the current preconditioner" freezes ν̂; the two agree once
-  ``(1 − β₂)/(1 − β₂ᵗ)`` is small, but on Adam's FIRST step the exact Jacobian nearly vanishes, since
-  ``u₁ ≈ −lr · sign(d)``).
+  respect to d (multiplying the SGD form by Adam's current preconditioner instead freezes ν̂; the two
+  agree once ``(1 − β₂)/(1 − β₂ᵗ)`` is small, but on Adam's FIRST step the exact Jacobian nearly
+  vanishes, since ``u₁ ≈ −lr · sign(d)``).
 * The one-step unrolled lower level makes the hypergradient exact for that one step ("iterative
   differentiation" through one step, as the paper's alternating algorithm does).
 
 Hypergradient modes (``hypergradient=``), all in one jitted step:
 
-* ``"fd"`` (default, the issue's choice): central finite difference of the direction map in ρ,
+* ``"fd"`` (default): central finite difference of the direction map in ρ,
   ``dd/dρ ≈ (d(ρ + r) − d(ρ − r)) / (2r)``; for SAM/ASAM this is exactly
   ``(∇L_B(w+e+rv) − ∇L_B(w+e−rv)) / (2r)``. The step is ``r = fd_step / ‖v‖``, so the probe points
   move by ``fd_step`` in parameter space (DARTS' convention, Liu et al. 2019: 0.01). Why 1e-2: the
@@ -74,15 +76,16 @@ A non-finite TRAINING step (NaN updates) is returned as is: wrap the whole trans
 Cost per step (gradient passes; SAM itself: 2): clean 1 + inner points (1; CR-SAM 2) + upper 2
 (∇L_V(w'), ∇L_B(w')) + HVP: fd 2 per point, fd_forward 1, exact ≈ 1–2 (a jvp of a gradient), diag 0.
 Passes are evaluated one after another (no probe strategy); ``axis_name`` gives data parallelism.
-Measured (``experiments/results/bench_lets.md``, CPU MLP 784-512-512-10): LETS-SAM / SAM step time
-≈ 2.9 (fd), 2.5 (fd_forward), 2.7 (exact), 2.0 (diag); LETS-ASAM / SAM about the same.
+Measured (the repository's ``experiments/results/bench_lets.md``, CPU MLP 784-512-512-10): LETS-SAM /
+SAM step time ≈ 2.9 (fd), 2.5 (fd_forward), 2.7 (exact), 2.0 (diag); LETS-ASAM / SAM about the same.
 
-Open points against the sources: the default ``"fd"`` follows the issue; ALGORITHMS.md proposes
-``"exact"`` as default unless too slow, and on the CPU benchmark ``"exact"`` costs no more than
-central fd (2.7 vs 2.9 × SAM; within noise of each other on a loaded machine). The paper's own Eq. (5) is illegible in the stored text; it cites Bottou et al. (whose
-Hessian-free section uses a one-sided gradient difference) and Khan et al. (a squared-gradient
-Hessian approximation), which matches ``"fd_forward"`` or ``"diag"`` rather than central fd.
-The decay rate of the radius learning rate is likewise not legible (see :func:`lets_radius_optimizer`).
+Open points: which Hessian approximation the paper used is not certain. Its text says the Hessian "can
+be approximated by a first-order derivative", citing Bottou et al. (whose Hessian-free section uses a
+one-sided gradient difference) and Khan et al. (a squared-gradient Hessian approximation), which
+matches ``"fd_forward"`` or ``"diag"`` rather than the default central ``"fd"``; ``"exact"`` is the
+reference the approximations are measured against and costs no more than central fd on the CPU
+benchmark (2.7 vs 2.9 × SAM; within noise of each other on a loaded machine). The decay rate of the
+radius learning rate is not given either (see :func:`lets_radius_optimizer`).
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def lets_radius_optimizer(
     """The default radius optimizer: Adam on α with an exponentially decaying learning rate.
 
     The paper (Appendix E) uses Adam with initial learning rate 1e-4 and an "exponential" schedule for
-    α in every experiment. Its decay rate and Adam's β's are not legible in the stored text, so the
+    α in every experiment. Its decay rate and Adam's β's could not be read from the paper, so the
     decay is a documented guess: ×``decay_rate`` per ``transition_steps`` updates, continuously
     (default ×0.99 per 391 steps = one CIFAR epoch at batch 128, i.e. ×0.13 over 200 epochs).
     """
@@ -258,6 +261,8 @@ def lets(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         rho_now = jnp.exp(est_state.log_rho)
 
+    (a runnable example closes this docstring).
+
     ``value_and_grad(params, state, batch, *, val_batch, base_state, loss_kwargs=None, clean_grad=None)``:
     ``val_batch`` is required (the paper samples it from the TRAINING set, a different mini-batch from
     ``batch``); ``base_state`` is your base optimizer's current state (with Flax NNX:
@@ -298,6 +303,24 @@ def lets(
     L_B(w−e)), L_V(w'), L_B(w')]; diagnostics ``rho`` (the ρ this step used), ``upper_loss``
     (F = gap²/2), ``gap`` (L_V(w') − L_B(w')), ``hypergrad`` (dF/dα), ``grad_norm`` (‖g‖) and
     ``radius_skips`` (cumulative skipped radius updates).
+
+    Example::
+
+        >>> import jax.numpy as jnp, optax, flatjax
+        >>> loss_fn = lambda w, batch: jnp.sum((w["x"] - batch) ** 2)
+        >>> params, batch, val_batch = {"x": jnp.array([1.0, 2.0])}, jnp.zeros(2), jnp.ones(2)
+        >>> optimizer = optax.sgd(0.1)
+        >>> est = flatjax.estimators.lets(loss_fn, optimizer, inner="sam", rho=0.05)
+        >>> loss, grads, est_state, info = est.value_and_grad(
+        ...     params, est.init(params), batch, val_batch=val_batch, base_state=optimizer.init(params))
+        >>> round(float(loss), 4), round(float(info.diagnostics["rho"]), 4)   # clean loss, the ρ used
+        (5.0, 0.05)
+        >>> info.probe_losses.shape                     # [L_B(w), L_B(w + e), L_V(w'), L_B(w')]
+        (4,)
+        >>> bool(est_state.log_rho != jnp.log(0.05))    # α moved: the next step uses another ρ
+        True
+        >>> tx = flatjax.lets(loss_fn, optax.sgd(0.1), inner="sam", rho=0.05)   # Optax form: final updates
+        >>> updates, tx_state = tx.update(None, tx.init(params), params, batch=batch, val_batch=val_batch)
     """
     check_callable("loss_fn", loss_fn)
     check_bool("has_aux", has_aux)

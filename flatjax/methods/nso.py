@@ -4,6 +4,12 @@ Zhang, Li, Ju, "Noise Stability Optimization for Finding Flat Minima: A Hessian-
 Approach", TMLR 2024 (official code: VirtuosoResearch/Noise-stability-optimization). With
 ``U ~ N(0, σ² I)``: ``L(w+U) + L(w−U) = 2L(w) + UᵀHU + O(‖U‖⁴)``, so each antithetic pair cancels the
 first-order term and NSO descends ``L + (σ²/2) Tr(H)`` with lower variance than one-sided WP-SGD.
+
+Paper vs official code: the paper's algorithm averages the ± pairs only; the code adds the clean
+gradient with weight ``λ`` (its ``nsm_lam``: 0.5 by default there, 0 in every provided script) and
+always runs the clean pass, the only one that updates BatchNorm running statistics. flatjax's ``lam``
+defaults to 0 (the paper) and skips the clean pass when nothing needs it. Details and defaults:
+``docs/algorithms.md`` (WP-SGD and NSO).
 """
 
 from __future__ import annotations
@@ -92,6 +98,19 @@ def wpsgd(
     Reports: ``loss``/``aux`` from the first perturbed pass (there is no clean pass);
     ``probe_losses`` = [L(w + U_1), ..., L(w + U_k)]; diagnostics ``sigma``, ``noise_norm`` (‖U_1‖).
     A given ``clean_grad`` is ignored (the rule has no clean gradient).
+
+    Example::
+
+        >>> import jax.numpy as jnp, optax, flatjax
+        >>> loss_fn = lambda w, batch: jnp.sum((w["x"] - batch) ** 2)
+        >>> params, batch = {"x": jnp.array([1.0, 2.0])}, jnp.zeros(2)
+        >>> est = flatjax.estimators.wpsgd(loss_fn, sigma=0.01, k=3, seed=0)
+        >>> loss, grads, est_state, info = est.value_and_grad(params, est.init(params), batch)
+        >>> info.probe_losses.shape, sorted(info.diagnostics)   # k perturbed passes
+        ((3,), ['noise_norm', 'sigma'])
+        >>> bool(loss == info.probe_losses[0])                  # loss: the first perturbed pass
+        True
+        >>> tx = optax.chain(flatjax.wpsgd(loss_fn, sigma=0.01, k=3), optax.sgd(0.1, momentum=0.9))
     """
     sigma = _check_common(sigma, k, noise)
 
@@ -126,7 +145,8 @@ def nso(
     """Noise Stability Optimization (Zhang et al., TMLR 2024), two-point antithetic form.
 
     ``d = λ ∇L_B(w) + (1 − λ)/(2k) Σ_i [∇L_B(w + U_i) + ∇L_B(w − U_i)]`` with the SAME ``U_i`` in each
-    ± pair and one batch for every pass. The paper's algorithm is λ = 0; the code's ``nsm_lam``.
+    ± pair and one batch for every pass; ``U_i = σ z_i`` at absolute scale on every leaf. The paper's
+    algorithm is λ = 0; λ is the official code's ``nsm_lam`` (0.5 by default there, 0 in its scripts).
 
     The clean pass at ``w`` is evaluated only when it is needed: when ``has_aux`` (its aux — e.g.
     BatchNorm statistics — is the one reported, as in the official code where only the clean pass
@@ -145,6 +165,23 @@ def nso(
     diagnostics ``sigma``, ``noise_norm`` (‖U_1‖), ``lam``, ``pair_curvature`` (mean of
     L(w+U) + L(w−U) − 2L(w) over pairs ≈ UᵀHU; NaN without the clean pass). A given ``clean_grad`` is
     ignored (the clean pass also yields L(w) and the aux).
+
+    Example (on a quadratic the ± pair cancels the noise: the direction is the clean gradient)::
+
+        >>> import jax.numpy as jnp, optax, flatjax
+        >>> loss_fn = lambda w, batch: jnp.sum((w["x"] - batch) ** 2)
+        >>> params, batch = {"x": jnp.array([1.0, 2.0])}, jnp.zeros(2)
+        >>> est = flatjax.estimators.nso(loss_fn, sigma=0.01, k=1)      # λ = 0: no clean pass
+        >>> loss, grads, est_state, info = est.value_and_grad(params, est.init(params), batch)
+        >>> bool(jnp.isnan(loss)), info.probe_losses.shape             # [L(w) = NaN, L(w + U), L(w − U)]
+        (True, (3,))
+        >>> [round(float(x), 4) for x in grads["x"]]
+        [2.0, 4.0]
+        >>> est = flatjax.estimators.nso(loss_fn, sigma=0.01, lam=0.5, k=2)   # λ > 0: clean pass too
+        >>> loss, grads, est_state, info = est.value_and_grad(params, est.init(params), batch)
+        >>> round(float(loss), 4), info.probe_losses.shape
+        (5.0, (5,))
+        >>> tx = optax.chain(flatjax.nso(loss_fn, sigma=0.01, k=1), optax.sgd(0.1, momentum=0.9))
     """
     sigma = _check_common(sigma, k, noise)
     lam = guarded("lam", lam, low=0.0, high=1.0)
@@ -156,7 +193,7 @@ def nso(
         out, first = perturbed_probes(ctx, s, k, noise, (1.0, -1.0))
         d = weighted_sum(out.grads, jnp.full((2 * k,), 1.0 / (2 * k)))
         if clean_pass:
-            loss0, aux0, g0 = ctx.value_and_grad(ctx.params, ctx.batch)
+            loss0, aux0, g0 = ctx.value_and_grad(ctx.after(ctx.params, out.grads), ctx.batch)
             d = add_scaled(scale(d, 1.0 - lam_t), g0, lam_t)
             curvature = jnp.mean(out.losses[0::2] + out.losses[1::2] - 2.0 * loss0)
         else:

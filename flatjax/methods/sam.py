@@ -4,6 +4,9 @@
   Generalization", ICLR 2021.
 * ASAM: Kwon, Kim, Park, Choi, "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
   Learning of Deep Neural Networks", ICML 2021.
+
+:func:`sam_family` and :func:`as_mask_fn` are public building blocks for new methods of the two-pass
+SAM family. Update rules, defaults and costs of every method: ``docs/algorithms.md``.
 """
 
 from __future__ import annotations
@@ -88,8 +91,22 @@ def sam_family(name: str, loss_fn: Callable[..., Any], ascent: Ascent, hyper_of:
                strategy: Strategy, trainable: PyTree | Callable[[PyTree], PyTree] | None = None) -> Estimator:
     """An estimator of the two-pass SAM family from its ascent rule ``e = ascent(g, w, hyper)``.
 
-    The building block of :func:`sam` and :func:`asam`: ``hyper_of(ctx)`` returns the step's
-    hyper-parameters (with ``"rho"``); ``ascent`` maps the clean gradient to the perturbation.
+    The public building block of :func:`sam`, :func:`asam` and :func:`flatjax.methods.samon.samon`: the
+    rule is ``g = ∇L_B(w)``, ``e = ascent(g, w, hyper)``, ``d = ∇L_B(w + e)``, with m-sharpness,
+    per-device perturbations, ``clean_grad`` reuse and ``trainable`` handled here.
+
+    Args:
+      name: the public factory name (error messages, ``Estimator.name``).
+      loss_fn: ``loss_fn(params, batch, **loss_kwargs) -> loss`` or ``(loss, aux)``.
+      ascent: ``ascent(g, w, hyper) -> e``, a pytree like ``w`` (see :mod:`flatjax.core.perturb` for
+        :func:`~flatjax.core.perturb.normalized_ascent` and :func:`~flatjax.core.perturb.adaptive_ascent`).
+      hyper_of: ``hyper_of(ctx) -> dict`` of the step's hyper-parameters (read them with ``ctx.value``);
+        it must contain ``"rho"``, which is reported as a diagnostic.
+      m, axis_name, per_device, has_aux, strategy, trainable: as in :func:`sam`.
+
+    Reports as :func:`sam`: ``loss``/``aux`` from the clean pass, ``probe_losses`` = [L(w), L(w + e)],
+    diagnostics ``rho`` and ``grad_norm``. Writing a new method on this block: ``docs/algorithms.md``,
+    "Writing a method".
     """
     check_positive_int("m", m, allow_none=True)
     check_bool("per_device", per_device)
@@ -152,10 +169,20 @@ def sam(
     = [L(w), L(w + e)]; diagnostics ``rho``, ``grad_norm`` (‖g‖). A given ``clean_grad`` (the device
     average under ``axis_name``) replaces the clean pass; with ``m`` or ``per_device`` it raises.
 
+    See ``docs/algorithms.md`` (SAM) for the defaults used in the papers and the cost.
+
     Example::
 
-        est = flatjax.estimators.sam(loss_fn, rho=0.05)              # your loop
-        tx = optax.chain(flatjax.sam(loss_fn, rho=0.05), optax.sgd(0.1, momentum=0.9))   # Optax form
+        >>> import jax.numpy as jnp, optax, flatjax
+        >>> loss_fn = lambda w, batch: jnp.sum((w["x"] - batch) ** 2)
+        >>> params, batch = {"x": jnp.array([1.0, 2.0])}, jnp.zeros(2)
+        >>> est = flatjax.estimators.sam(loss_fn, rho=0.05)                # estimator form: your loop
+        >>> loss, grads, est_state, info = est.value_and_grad(params, est.init(params), batch)
+        >>> round(float(loss), 4), [round(float(x), 4) for x in info.probe_losses]   # L(w), L(w + e)
+        (5.0, [5.0, 5.2261])
+        >>> sorted(info.diagnostics)
+        ['grad_norm', 'rho']
+        >>> tx = optax.chain(flatjax.sam(loss_fn, rho=0.05), optax.sgd(0.1, momentum=0.9))   # Optax form
     """
     rho = guarded("rho", rho, low=0.0)
     ascent = lambda g, w, h: perturb.normalized_ascent(g, h["rho"])  # noqa: E731
@@ -189,7 +216,18 @@ def asam(
       mask: pytree of bools like params, or a callable ``params -> mask``; None for the default.
       m, axis_name, per_device, has_aux, strategy, trainable: as in :func:`sam`.
 
-    Reports as :func:`sam`.
+    Reports as :func:`sam`: ``probe_losses`` = [L(w), L(w + e)]; diagnostics ``rho``, ``grad_norm``.
+
+    Example (the leaf named ``w`` is adaptive, so ``T = |w| + η`` scales the ascent)::
+
+        >>> import jax.numpy as jnp, optax, flatjax
+        >>> loss_fn = lambda p, batch: jnp.sum((p["w"] - batch) ** 2)
+        >>> params, batch = {"w": jnp.array([1.0, 2.0])}, jnp.zeros(2)
+        >>> est = flatjax.estimators.asam(loss_fn, rho=0.5, eta=0.01)
+        >>> loss, grads, est_state, info = est.value_and_grad(params, est.init(params), batch)
+        >>> round(float(loss), 4), [round(float(x), 4) for x in info.probe_losses]
+        (5.0, [5.0, 10.1101])
+        >>> tx = optax.chain(flatjax.asam(loss_fn, rho=0.5), optax.sgd(0.1, momentum=0.9))   # Optax form
     """
     rho = guarded("rho", rho, low=0.0)
     eta = guarded("eta", eta, low=0.0)

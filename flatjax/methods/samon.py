@@ -76,6 +76,8 @@ def samon(
         >>> loss, grads, state, info = est.value_and_grad(params, est.init(params), jnp.ones((1, 2)))
         >>> float(loss)
         8.0
+        >>> import optax
+        >>> tx = optax.chain(flatjax.samon(loss_fn, rho=0.1), optax.sgd(0.1, momentum=0.9))
     """
     rho = guarded("rho", rho, low=0.0)
     mask_of = as_mask_fn(default_norm_mask if norm_mask is None else norm_mask)
