@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flatjax.core.estimator import EstimatorState
 from flatjax.core.transform import FlatState
 from flatjax.core.tree import PyTree, is_finite
+from flatjax.methods.lets import LetsEstimatorState
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -21,17 +23,29 @@ class SkipNonfiniteState(NamedTuple):
     inner_state: Any
 
 
-def _keep_or_advance(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    """``new`` where ``ok``, else ``old`` — except each flatjax method's step count and last StepInfo,
-    which always take the new values (a fresh noise draw next step; the skipped step's measurements)."""
+def keep_finite(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where ``ok``, else ``old``, leaf by leaf — except the step counts of flatjax states.
+
+    The count of every flatjax method state (Optax form ``FlatState``, estimator ``EstimatorState`` and
+    ``LetsEstimatorState``) and the Optax form's last ``StepInfo`` always take the new values: after a
+    skipped step the next one draws FRESH noise (a NaN caused by one noise draw is not replayed for ever)
+    and reports what the skipped step measured. Use it in your own estimator loop::
+
+        ok = flatjax.guard.is_finite(updates)
+        params, opt_state, est_state = flatjax.guard.keep_finite(
+            ok, (new_params, new_opt_state, new_est_state), (params, opt_state, est_state))
+    """
     keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
 
     def pick(n, o):
         if isinstance(n, FlatState):
             return FlatState(count=n.count, key=o.key, method=jax.tree.map(keep, n.method, o.method), info=n.info)
+        if isinstance(n, (EstimatorState, LetsEstimatorState)):
+            return jax.tree.map(keep, n, o)._replace(count=n.count)
         return jax.tree.map(keep, n, o)
 
-    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, FlatState))
+    counted = (FlatState, EstimatorState, LetsEstimatorState)
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, counted))
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -58,7 +72,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         ok = is_finite(new_updates)
         new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-        new_inner = _keep_or_advance(ok, new_inner, state.inner_state)
+        new_inner = keep_finite(ok, new_inner, state.inner_state)
         bad = jnp.logical_not(ok).astype(jnp.int32)
         return new_updates, SkipNonfiniteState(
             notfinite_count=(state.notfinite_count + bad) * bad,

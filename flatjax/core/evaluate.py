@@ -1,9 +1,18 @@
 """Probe evaluation: loss, aux and gradient at several points, sequentially, vectorized or on devices.
 
-The strategy changes speed and memory, never the result (tests check equality within float tolerance):
+The strategy changes speed and memory, never the result (tests check equality within float tolerance).
+For n independent passes of a model whose one gradient pass costs F FLOPs and holds A of activations
+(``experiments/results/bench_cost.md`` measures these from XLA's compiled cost):
 
-* ``"sequential"`` — one gradient pass after another (a Python loop traced into the one jitted step).
-* ``"vmap"``       — ``jax.vmap`` over a stacked probe axis. Fast for matmul-heavy models; on CPU a conv
+| strategy | FLOPs per device | temporary memory | critical path |
+|---|---|---|---|
+| ``"sequential"`` (``"auto"``) | n F | about A (one pass at a time) | n passes |
+| ``"vmap"`` | n F | about n A | n passes, batched (fast for matmul-heavy models) |
+| ``ShardMapProbes`` over g groups | n F / g | about (n / g) A | n / g passes |
+
+* ``"sequential"`` — one gradient pass after another; each pass waits for the previous one's gradient
+  (:func:`after`), so the peak memory is one pass's, like SAM's two dependent passes.
+* ``"vmap"``       — ``jax.vmap`` over a stacked probe axis: the memory-for-speed choice. On CPU a conv
   net's vmapped gradient becomes a grouped convolution that can cost several single passes (measured in
   ``experiments/results/bench_step.md``).
 * :class:`ShardMapProbes` — ``jax.shard_map`` over one mesh axis: each device group evaluates its share of
@@ -121,6 +130,21 @@ def invariant(x: jax.Array, axis: str) -> jax.Array:
     return jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else jax.lax.pmax(x, axis)
 
 
+def after(tree: PyTree, grads: PyTree) -> PyTree:
+    """``tree`` unchanged in value, but computed only once every leaf of ``grads`` is.
+
+    "sequential" means one pass after another: XLA otherwise schedules independent gradient passes
+    together and holds the activations of all of them at once (measured: 1.8x the temporary memory of
+    SAM's two dependent passes; ``lax.optimization_barrier`` did not prevent it on XLA:CPU). Adding 0 times
+    one element of every gradient leaf makes the next pass depend on the whole previous backward pass
+    (a non-finite gradient makes the next pass non-finite too: the step is non-finite either way).
+    """
+    # the LAST element: of stacked probe gradients that is the last probe's (slicing the first would let
+    # XLA's simplifier reduce the dependency to the first probe)
+    zero = 0.0 * sum(jnp.ravel(g)[-1].astype(jnp.float32) for g in jax.tree.leaves(grads))
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+
+
 def _is_explicit(mesh: Mesh) -> bool:
     return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
 
@@ -204,7 +228,10 @@ class Evaluator:
         point_at = (lambda i: points[i]) if points is not None else (lambda i: params)
         batch_at = (lambda i: batches[i]) if batches is not None else (lambda i: batch)
         if self.strategy == "sequential" or n == 1:
-            results = [self.value_and_grad(point_at(i), batch_at(i), reduce=reduce) for i in range(n)]
+            results = []
+            for i in range(n):
+                p = point_at(i) if not results else after(point_at(i), results[-1][2])
+                results.append(self.value_and_grad(p, batch_at(i), reduce=reduce))
             losses, aux, grads = zip(*results)
             return Probes(jnp.stack(losses), stack(aux), stack(grads))
 

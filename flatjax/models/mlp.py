@@ -11,7 +11,7 @@ from flatjax.models._layers import linear
 
 
 class MLP(nnx.Module):
-    """Flatten -> [Linear -> ReLU] * len(hidden) -> Linear.
+    """Flatten -> [Linear -> (LayerNorm) -> ReLU] * len(hidden) -> Linear.
 
     Inputs of any shape ``(N, ...)`` are flattened, so ``(N, 8, 8, 1)`` digits and
     ``(N, 64)`` vectors both work once ``in_features`` matches.
@@ -23,6 +23,7 @@ class MLP(nnx.Module):
         *,
         in_features: int = 64,
         hidden: Sequence[int] = (128, 128),
+        norm: bool = False,
         rngs: nnx.Rngs,
         dtype: Any = None,
     ) -> None:
@@ -32,6 +33,7 @@ class MLP(nnx.Module):
           num_classes: number of output logits.
           in_features: flattened input size (64 for 8x8 digits, 3072 for CIFAR).
           hidden: widths of the hidden layers (may be empty: a linear classifier).
+          norm: a LayerNorm after each hidden Linear (its leaves are named ``norms/<i>/scale|bias``).
           rngs: NNX random streams.
           dtype: computation dtype.
 
@@ -48,10 +50,12 @@ class MLP(nnx.Module):
             [linear(a, b, rngs=rngs, dtype=dtype) for a, b in zip(sizes[:-1], sizes[1:])]
         )
         self.head = linear(sizes[-1], num_classes, rngs=rngs, dtype=dtype)
+        self.norms = nnx.List([nnx.LayerNorm(b, rngs=rngs, dtype=dtype) for b in hidden] if norm else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps ``(N, ...)`` inputs to logits ``(N, num_classes)``."""
         x = x.reshape(x.shape[0], -1)
-        for layer in self.layers:
-            x = nnx.relu(layer(x))
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            x = nnx.relu(self.norms[i](x) if self.norms else x)
         return self.head(x)
