@@ -140,10 +140,10 @@ class StepContext:
         """
         return self.evaluator.probes(points=points, batches=batches, params=params, batch=batch, reduce=reduce)
 
-    def after(self, tree: PyTree, grads: PyTree) -> PyTree:
-        """``tree``, made to wait for ``grads`` under the "sequential" strategy (one pass at a time, so
-        the peak memory is one pass's); unchanged under the parallel strategies."""
-        return after(tree, grads) if self.evaluator.strategy == "sequential" else tree
+    def after(self, params: PyTree, batch: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
+        """``(params, batch)``, made to wait for ``grads`` under the "sequential" strategy (one pass at a
+        time, so the peak memory is one pass's); unchanged under the parallel strategies."""
+        return after(params, batch, grads) if self.evaluator.strategy == "sequential" else (params, batch)
 
     def probes_stacked(self, points: PyTree, batch: PyTree, *, reduce: bool = True) -> Probes:
         """Evaluate at every slice of stacked ``points`` (leaves with a leading probe axis) on one batch,

@@ -193,7 +193,7 @@ def nso(
         out, first = perturbed_probes(ctx, s, k, noise, (1.0, -1.0))
         d = weighted_sum(out.grads, jnp.full((2 * k,), 1.0 / (2 * k)))
         if clean_pass:
-            loss0, aux0, g0 = ctx.value_and_grad(ctx.after(ctx.params, out.grads), ctx.batch)
+            loss0, aux0, g0 = ctx.value_and_grad(*ctx.after(ctx.params, ctx.batch, out.grads))
             d = add_scaled(scale(d, 1.0 - lam_t), g0, lam_t)
             curvature = jnp.mean(out.losses[0::2] + out.losses[1::2] - 2.0 * loss0)
         else:
