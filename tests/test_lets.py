@@ -370,3 +370,27 @@ def test_bf16_params_keep_their_dtype(mode):
     updates, state = tx.update(None, tx.init(params), params, batch=make_batch(1, n=16), val_batch=make_batch(2, n=16))
     assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
     assert state.log_rho.dtype == jnp.float32 and np.isfinite(float(state.log_rho))
+
+
+def test_radius_every_k_updates_the_radius_on_every_kth_step_only():
+    params, base = mlp_params(), optax.sgd(0.1)
+    kw = {"inner": "sam", "rho": 0.1, "radius_optimizer": optax.sgd(0.5)}
+    every3 = flatjax.estimators.lets(mlp_loss, base, radius_every=3, **kw)
+    every1 = flatjax.estimators.lets(mlp_loss, base, **kw)
+    s3, s1, opt = every3.init(params), every1.init(params), base.init(params)
+    b0, b1 = make_batch(seed=1), make_batch(seed=2)
+    _, d3, s3, info3 = every3.value_and_grad(params, s3, b0, val_batch=b1, base_state=opt)
+    _, d1, s1, info1 = every1.value_and_grad(params, s1, b0, val_batch=b1, base_state=opt)
+    assert_tree_close(d3, d1)  # step 0: K = 1's update
+    np.testing.assert_allclose(s3.log_rho, s1.log_rho)
+    alpha = float(s3.log_rho)
+    assert alpha != pytest.approx(float(np.log(0.1)))
+    sam = flatjax.estimators.sam(mlp_loss, rho=float(np.exp(alpha)))
+    for _ in range(2):  # steps 1 and 2: SAM at the current radius, no upper-level passes
+        _, d, s3, info = every3.value_and_grad(params, s3, b0, val_batch=b1, base_state=opt)
+        assert float(s3.log_rho) == alpha and np.isnan(float(info.diagnostics["hypergrad"]))
+        assert_tree_close(d, sam.value_and_grad(params, sam.init(params), b0)[1], rtol=1e-5)
+    _, _, s3, info = every3.value_and_grad(params, s3, b0, val_batch=b1, base_state=opt)  # step 3
+    assert float(s3.log_rho) != alpha and np.isfinite(float(info.diagnostics["hypergrad"]))
+    with pytest.raises(ValueError, match="radius_every must be a positive integer"):
+        flatjax.estimators.lets(mlp_loss, base, radius_every=0)

@@ -245,6 +245,7 @@ def lets(
     radius_optimizer: optax.GradientTransformation | None = None,
     hypergradient: str = "fd",
     fd_step: float | None = None,
+    radius_every: int = 1,
     has_aux: bool = False,
     axis_name: str | None = None,
     trainable: PyTree | Callable[[PyTree], PyTree] | None = None,
@@ -293,6 +294,10 @@ def lets(
       hypergradient: ``"fd"``, ``"fd_forward"``, ``"exact"``, ``"exact_total"`` or ``"diag"``.
       fd_step: in [1e-6, 1], parameter-space length of the finite-difference displacement (r = fd_step/‖v‖);
         None: 1e-2 for ``"fd"``, 1e-3 for ``"fd_forward"`` (unused by the other modes).
+      radius_every: K ≥ 1: update the radius on every K-th step only (steps 0, K, 2K, ...); the other steps
+        cost what the inner method costs (SAM: 2 passes) and report NaN upper-level diagnostics. 1 (the
+        paper's per-step update) is the default; K = 4 brings LETS-SAM's average cost to 1.5x SAM's
+        (``experiments/results/bench_lets.md``: cost and learned-ρ trajectory per K).
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is reported from the clean pass.
       axis_name: data-parallel axis of an enclosing ``shard_map``/``pmap``: every loss and gradient (hence
         the hypergradient and α) is averaged over it.
@@ -336,6 +341,7 @@ def lets(
         fd_step = DEFAULT_FD_STEP.get(hypergradient, 1e-2)
     # below 1e-6 float32 round-off cancels the gradient difference (a zero hypergradient: ρ frozen)
     check_number("fd_step", fd_step, low=1e-6, high=1.0)
+    check_positive_int("radius_every", radius_every)
     eta = guarded("eta", eta, low=0.0)
     crsam_alpha = guarded("crsam_alpha", crsam_alpha, low=0.0)
     crsam_beta = guarded("crsam_beta", crsam_beta, low=0.0)
@@ -426,57 +432,82 @@ def lets(
             return base.update(x, base_state, params)
 
         one = jnp.ones((), jnp.float32)
-        if hypergradient == "exact_total":
 
-            def upper_of_alpha(a):
-                d, (point_losses, _) = full_direction(jnp.exp(a))
-                u, _ = base_step(d)
-                w1 = optax.apply_updates(params, u)
-                lv = ev_full.value_and_grad(w1, val_batch)[0]
-                lb = ev_full.value_and_grad(w1, batch)[0]
-                gap = lv - lb
-                return 0.5 * gap * gap, (d, point_losses, lv, lb, gap)
+        def with_radius_update(_):
+            """The direction, and the radius update from the one-step hypergradient."""
+            if hypergradient == "exact_total":
 
-            upper, hypergrad, (d, point_losses, lv, lb, gap) = jax.jvp(
-                upper_of_alpha, (alpha,), (one,), has_aux=True
-            )
-        else:
-            if hypergradient == "exact":
-                d, dd, (point_losses, _) = jax.jvp(full_direction, (rho_t,), (one,), has_aux=True)
+                def upper_of_alpha(a):
+                    d, (point_losses, _) = full_direction(jnp.exp(a))
+                    u, _ = base_step(d)
+                    w1 = optax.apply_updates(params, u)
+                    lv = ev_full.value_and_grad(w1, val_batch)[0]
+                    lb = ev_full.value_and_grad(w1, batch)[0]
+                    gap = lv - lb
+                    return 0.5 * gap * gap, (d, point_losses, lv, lb, gap)
+
+                upper, hypergrad, (d, point_losses, lv, lb, gap) = jax.jvp(
+                    upper_of_alpha, (alpha,), (one,), has_aux=True
+                )
             else:
-                d_w, (point_losses, grads) = direction(rho_t)
-                v = rule.ascent(g, w, one, hyper)  # de/dρ
-                if hypergradient == "diag":
-                    dd = None
-                    for a_i, s_i, gi in zip(rule.weights(hyper), rule.signs, grads):
-                        term = jax.tree.map(
-                            lambda x, vv, c=a_i * s_i: c * x.astype(jnp.float32) ** 2 * vv.astype(jnp.float32),
-                            gi, v)
-                        dd = term if dd is None else jax.tree.map(jnp.add, dd, term)
+                if hypergradient == "exact":
+                    d, dd, (point_losses, _) = jax.jvp(full_direction, (rho_t,), (one,), has_aux=True)
                 else:
-                    r = fd_step / (global_norm(v) + XI)
-                    d_plus = direction(rho_t + r)[0]
-                    if hypergradient == "fd":
-                        dd = jax.tree.map(lambda x: x / (2.0 * r), _sub(d_plus, direction(rho_t - r)[0]))
+                    d_w, (point_losses, grads) = direction(rho_t)
+                    v = rule.ascent(g, w, one, hyper)  # de/dρ
+                    if hypergradient == "diag":
+                        dd = None
+                        for a_i, s_i, gi in zip(rule.weights(hyper), rule.signs, grads):
+                            term = jax.tree.map(
+                                lambda x, vv, c=a_i * s_i: c * x.astype(jnp.float32) ** 2 * vv.astype(jnp.float32),
+                                gi, v)
+                            dd = term if dd is None else jax.tree.map(jnp.add, dd, term)
                     else:
-                        dd = jax.tree.map(lambda x: x / r, _sub(d_plus, d_w))
-                d, dd = expand(d_w), expand(cast_like(dd, d_w))
-            dd = cast_like(dd, d)
-            (u, _), (du, _) = jax.jvp(base_step, (d,), (dd,))
-            w1 = optax.apply_updates(params, u)
-            lv, _, gv = ev_full.value_and_grad(w1, val_batch)
-            lb, _, gb = ev_full.value_and_grad(w1, batch)
-            gap = lv - lb
-            upper = 0.5 * gap * gap
-            hypergrad = rho_t * gap * vdot(_sub(gv, gb), du)
+                        r = fd_step / (global_norm(v) + XI)
+                        d_plus = direction(rho_t + r)[0]
+                        if hypergradient == "fd":
+                            dd = jax.tree.map(lambda x: x / (2.0 * r), _sub(d_plus, direction(rho_t - r)[0]))
+                        else:
+                            dd = jax.tree.map(lambda x: x / r, _sub(d_plus, d_w))
+                    d, dd = expand(d_w), expand(cast_like(dd, d_w))
+                dd = cast_like(dd, d)
+                (u, _), (du, _) = jax.jvp(base_step, (d,), (dd,))
+                w1 = optax.apply_updates(params, u)
+                lv, _, gv = ev_full.value_and_grad(w1, val_batch)
+                lb, _, gb = ev_full.value_and_grad(w1, batch)
+                gap = lv - lb
+                upper = 0.5 * gap * gap
+                hypergrad = rho_t * gap * vdot(_sub(gv, gb), du)
 
-        hypergrad = jnp.asarray(hypergrad, jnp.float32)
-        radius_updates, new_radius_state = radius_opt.update(hypergrad, state.radius_state, alpha)
-        new_alpha = jnp.asarray(optax.apply_updates(alpha, radius_updates), jnp.float32)
-        ok = jnp.isfinite(hypergrad) & jnp.isfinite(new_alpha)
-        new_alpha = jnp.where(ok, new_alpha, alpha)
-        new_radius_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_radius_state, state.radius_state)
-        skips = state.radius_skips + jnp.logical_not(ok).astype(jnp.int32)
+            hypergrad = jnp.asarray(hypergrad, jnp.float32)
+            radius_updates, new_radius_state = radius_opt.update(hypergrad, state.radius_state, alpha)
+            new_alpha = jnp.asarray(optax.apply_updates(alpha, radius_updates), jnp.float32)
+            ok = jnp.isfinite(hypergrad) & jnp.isfinite(new_alpha)
+            new_alpha = jnp.where(ok, new_alpha, alpha)
+            new_radius_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_radius_state, state.radius_state)
+            skips = state.radius_skips + jnp.logical_not(ok).astype(jnp.int32)
+            hypergrad = jnp.asarray(hypergrad, jnp.float32)
+            radius_updates, new_radius_state = radius_opt.update(hypergrad, state.radius_state, alpha)
+            new_alpha = jnp.asarray(optax.apply_updates(alpha, radius_updates), jnp.float32)
+            ok = jnp.isfinite(hypergrad) & jnp.isfinite(new_alpha)
+            new_alpha = jnp.where(ok, new_alpha, alpha)
+            new_radius_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_radius_state, state.radius_state)
+            skips = state.radius_skips + jnp.logical_not(ok).astype(jnp.int32)
+            measured = [jnp.asarray(x, jnp.float32) for x in (lv, lb, gap, upper, hypergrad)]
+            return d, jnp.asarray(point_losses, jnp.float32), measured, new_alpha, new_radius_state, skips
+
+        def without_radius_update(_):
+            """The inner method's direction at the current radius: SAM's cost (NaN upper-level values)."""
+            d, (point_losses, _) = full_direction(rho_t)
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            return (d, jnp.asarray(point_losses, jnp.float32), [nan] * 5, alpha, state.radius_state,
+                    state.radius_skips)
+
+        if radius_every == 1:
+            outcome = with_radius_update(None)
+        else:
+            outcome = jax.lax.cond(count % radius_every == 0, with_radius_update, without_radius_update, None)
+        d, point_losses, (lv, lb, gap, upper, hypergrad), new_alpha, new_radius_state, skips = outcome
 
         diagnostics = {
             "rho": rho_t, "upper_loss": upper, "gap": gap, "hypergrad": hypergrad,
