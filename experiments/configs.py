@@ -21,11 +21,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-METHODS = ("sgd", "sam", "asam", "rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso", "crsam", "lets", "lets_asam")
-TWO_BATCH_METHODS = ("mrwp", "marwp")
-#: LETS methods and their inner SAM-family rule; they wrap the base optimizer and read a second training
-#: batch per update as the validation batch (from an independently shuffled stream of the training set).
-LETS_METHODS = {"lets": "sam", "lets_asam": "asam"}
+from flatjax import registry
+
+#: The CLI's ``--method`` choices: ``sgd`` (the base optimizer alone) and every method of
+#: :data:`flatjax.registry.METHODS`, in its order.
+BASELINE = "sgd"
+METHODS = (BASELINE, *registry.METHODS)
+#: Methods reading a second mini-batch as ``perturbed_batch`` (m-RWP/m-ARWP's B1); their paper configs
+#: feed two consecutive batches per update (``two_batches``).
+TWO_BATCH_METHODS = tuple(n for n, m in registry.METHODS.items() if m.second_batch == "perturbed_batch")
+#: Methods reading a validation batch (LETS), which the CLI draws from an independently shuffled stream of
+#: the training set; they wrap the base optimizer (``registry.Method.wraps_optimizer``).
+LETS_METHODS = tuple(n for n, m in registry.METHODS.items() if m.second_batch == "val_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +44,8 @@ class TrainConfig:
       dataset: ``digits`` | ``cifar10-folder`` | ``cifar10`` | ``cifar100`` (the last two via TFDS).
       model: a :func:`flatjax.models.create` name.
       method: one of :data:`METHODS` (``sgd`` = the base optimizer alone).
-      method_kwargs: keyword arguments of the flatjax method (ρ, σ, λ, η, β, α, k ...).
+      method_kwargs: keyword arguments of the method's estimator factory (ρ, σ, λ, η, β, α, k, LETS's
+        ``inner`` ...).
       sigma_increase: if set, σ follows ``flatjax.cosine_increasing(sigma, sigma_increase, T)``
         (RWP/ARWP's schedule); ``method_kwargs["sigma"]`` is then σ₀.
       two_batches: feed two consecutive batches per update (``batch``, ``perturbed_batch``).
@@ -146,12 +154,16 @@ for _data, _asam_rho in (("cifar10", 0.5), ("cifar100", 1.0)):
         _add(TrainConfig(f"{_data}_{_tag}_lets", _data, _model, "lets", {"rho": 0.05},
                          lr=0.1, batch_size=128, weight_decay=5e-4, epochs=200,
                          source="LETS-SAM, Wang et al. 2024 (initial rho = SAM's; base optimizer verify)"))
-        _add(TrainConfig(f"{_data}_{_tag}_lets_asam", _data, _model, "lets_asam", {"rho": _asam_rho, "eta": 0.01},
+        _add(TrainConfig(f"{_data}_{_tag}_lets_asam", _data, _model, "lets",
+                         {"inner": "asam", "rho": _asam_rho, "eta": 0.01},
                          lr=0.1, batch_size=128, weight_decay=5e-4, epochs=200,
                          source="LETS-ASAM, Wang et al. 2024 (initial rho = ASAM's; base optimizer verify)"))
 
 # ---- Offline digits configs (scikit-learn 8x8 digits, MLP 64-128-128-10): quick sanity runs with each
 # method at its paper default; sigma of the RWP family as in experiments/quickstart.py (digits-scaled).
+# Every method of the registry gets one: the entries below where the papers give defaults, else the
+# factory's own defaults. Keys are the config names' suffixes (``digits_mlp_<key>``); "method" defaults to
+# the key.
 _DIGITS = dict(dataset="digits", model="mlp", epochs=10, batch_size=64, lr=0.05, momentum=0.9,
                weight_decay=5e-4, augment="none", source="offline sanity run (not a paper row)")
 _DIGITS_METHODS: dict[str, dict[str, Any]] = {
@@ -167,10 +179,17 @@ _DIGITS_METHODS: dict[str, dict[str, Any]] = {
     "nso": {"method_kwargs": {"sigma": 0.01, "lam": 0.0, "k": 1}},
     "crsam": {"method_kwargs": {"rho": 0.1, "alpha": 0.1, "beta": 0.01}},
     "lets": {"method_kwargs": {"rho": 0.05}},
-    "lets_asam": {"method_kwargs": {"rho": 0.5, "eta": 0.01}},
+    "lets_asam": {"method": "lets", "method_kwargs": {"inner": "asam", "rho": 0.5, "eta": 0.01}},
+    # SAM-ON perturbs only normalization layers (and raises without any): the MLP with LayerNorms
+    "samon": {"model_kwargs": {"norm": True}},
 }
-for _m, _kw in _DIGITS_METHODS.items():
-    _add(TrainConfig(f"digits_mlp_{_m}", method=_m, **{**_DIGITS, **_kw}))
+for _m in METHODS:
+    _DIGITS_METHODS.setdefault(_m, {})
+#: The no-argument sweep of ``python -m experiments.train``: the suffixes of the ``digits_mlp_*`` configs
+#: (every method, plus LETS-ASAM), in the order of :data:`METHODS`.
+DEFAULT_SWEEP = tuple(v for _m in METHODS for v, kw in _DIGITS_METHODS.items() if kw.get("method", v) == _m)
+for _m in DEFAULT_SWEEP:
+    _add(TrainConfig(f"digits_mlp_{_m}", **{"method": _m, **_DIGITS, **_DIGITS_METHODS[_m]}))
 
 
 def get_config(name: str) -> TrainConfig:
@@ -188,15 +207,41 @@ def get_config(name: str) -> TrainConfig:
         ) from None
 
 
-def default_config(method: str, dataset: str = "digits") -> TrainConfig:
-    """The config used when only ``--method`` (and maybe ``--dataset``) is given."""
-    if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; choose from {METHODS}")
-    base = CONFIGS[f"digits_mlp_{method}"]
+def default_config(variant: str, dataset: str = "digits") -> TrainConfig:
+    """The config used when only ``--method`` (and maybe ``--dataset``) is given: ``digits_mlp_<variant>``,
+    or the ResNet-18 paper config ``<dataset>_resnet18_<variant>`` (``variant``: a method, or another
+    suffix of :data:`DEFAULT_SWEEP` such as ``lets_asam``).
+
+    Raises:
+      KeyError: naming the missing config.
+    """
+    if f"digits_mlp_{variant}" not in CONFIGS:
+        raise KeyError(f"unknown method {variant!r}; choose from {', '.join(METHODS)}")
     if dataset == "digits":
-        return base
+        return CONFIGS[f"digits_mlp_{variant}"]
     data = "cifar10" if dataset == "cifar10-folder" else dataset
-    paper = CONFIGS.get(f"{data}_resnet18_{method}")
+    paper = CONFIGS.get(f"{data}_resnet18_{variant}")
     if paper is None:
-        raise KeyError(f"no {data} config for method {method!r}; pass --config")
+        raise KeyError(f"no {data} config for {variant!r} (no config {data}_resnet18_{variant}); pass --config")
     return paper.replace(dataset=dataset)
+
+
+def default_sweep(dataset: str = "digits") -> list[TrainConfig]:
+    """The configs of :data:`DEFAULT_SWEEP` on ``dataset`` (off digits: those with a ResNet-18 paper config)."""
+    data = "cifar10" if dataset == "cifar10-folder" else dataset
+    return [default_config(v, dataset) for v in DEFAULT_SWEEP
+            if dataset == "digits" or f"{data}_resnet18_{v}" in CONFIGS]
+
+
+def with_method(cfg: TrainConfig, method: str) -> TrainConfig:
+    """``cfg`` run with ``method`` instead (``--config C --method M``), with M's own hyper-parameters: its
+    config for the same dataset and model when there is one, else its digits defaults (a sam config's rho
+    must not reach rwp)."""
+    variant = next((v for v in sorted(DEFAULT_SWEEP, key=len, reverse=True) if cfg.name.endswith(f"_{v}")), None)
+    prefix = cfg.name[: -len(variant) - 1] if variant else cfg.name
+    donor = CONFIGS.get(f"{prefix}_{method}", default_config(method))
+    model_kwargs = {**cfg.model_kwargs, **donor.model_kwargs} if donor.model == cfg.model else cfg.model_kwargs
+    return dataclasses.replace(  # not .replace: a None sigma_increase must replace the config's own
+        cfg, method=method, name=f"{cfg.name}+{method}", method_kwargs=donor.method_kwargs,
+        sigma_increase=donor.sigma_increase, two_batches=donor.two_batches, lr_per_epoch=donor.lr_per_epoch,
+        model_kwargs=model_kwargs)

@@ -16,7 +16,9 @@ The protocol is the same for every method; only the method changes:
   as in the training CLI. m-RWP / m-ARWP take two batches per update and run twice the epochs, so every
   method makes the same number of updates (the official m-ARWP code doubles the epochs the same way).
 * method hyper-parameters: those of the paper configs ``cifar10_resnet18_<method>``
-  (``python -m experiments.train --list-configs``), unchanged.
+  (``python -m experiments.train --list-configs``), unchanged. The protocol runs the methods that have
+  such a config (by default all of them but LETS); asking for one without it is an error naming the
+  missing config.
 * after training, on a fixed set of ``--sharpness-images`` training images (no augmentation, BatchNorm in
   evaluation mode): the Hessian trace of the loss by Hutchinson's estimator and the top Hessian
   eigenvalue by power iteration (:mod:`flatjax.sharpness`).
@@ -42,31 +44,39 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.configs import CONFIGS, LETS_METHODS, METHODS, TrainConfig
-from experiments.train import train_one
+from experiments.configs import BASELINE, CONFIGS, DEFAULT_SWEEP, LETS_METHODS, TrainConfig
+from experiments.train_loop import train_one
 from flatjax import data as fdata
 from flatjax import models as fmodels
 from flatjax import sharpness
 
 MODEL = "small_cnn"
 MODEL_LABEL = "ResNet-8"
-#: The default sweep: every CLI method but LETS, whose step costs ~3 SAM steps (bench_lets.md) and would
-#: push the sweep past an hour on 2 cores; add it with --methods ... lets lets_asam.
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in LETS_METHODS)
+#: The configs the protocol takes each method's hyper-parameters from: ``cifar10_resnet18_<name>``.
+PAPER_CONFIG = "cifar10_resnet18_{}"
+#: What the protocol can run: every method (and variant, e.g. ``lets_asam``) with such a config.
+AVAILABLE = tuple(v for v in DEFAULT_SWEEP if PAPER_CONFIG.format(v) in CONFIGS)
+#: The default sweep: all of them but LETS, whose step costs ~3 SAM steps (bench_lets.md) and would push
+#: the sweep past an hour on 2 cores; add it with --methods ... lets lets_asam.
+DEFAULT_METHODS = tuple(v for v in AVAILABLE if CONFIGS[PAPER_CONFIG.format(v)].method not in LETS_METHODS)
 
 
 def protocol_config(method: str, *, epochs: int, batch_size: int, lr: float, weight_decay: float
                     ) -> TrainConfig:
-    """The CPU-protocol config of ``method``: its paper CIFAR-10 hyper-parameters on ResNet-8.
+    """The CPU-protocol config of ``method`` (a method or variant such as ``lets_asam``): the paper CIFAR-10
+    hyper-parameters of ``cifar10_resnet18_<method>`` on ResNet-8.
 
     Raises:
-      ValueError: for an unknown ``method``.
+      ValueError: naming the missing config, when there is no ``cifar10_resnet18_<method>``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    paper = CONFIGS[f"cifar10_resnet18_{method}"]
+    paper = CONFIGS.get(PAPER_CONFIG.format(method))
+    if paper is None:
+        raise ValueError(
+            f"no config {PAPER_CONFIG.format(method)} for method {method!r}: the protocol takes each method's "
+            f"hyper-parameters from its CIFAR-10 ResNet-18 paper config; add one to experiments/configs.py, or "
+            f"choose from {', '.join(AVAILABLE)}")
     return TrainConfig(
-        name=f"cpu_cifar10_resnet8_{method}", dataset="cifar10-folder", model=MODEL, method=method,
+        name=f"cpu_cifar10_resnet8_{method}", dataset="cifar10-folder", model=MODEL, method=paper.method,
         method_kwargs=dict(paper.method_kwargs), sigma_increase=paper.sigma_increase,
         two_batches=paper.two_batches, epochs=epochs * (2 if paper.two_batches else 1),
         batch_size=batch_size, lr=lr, momentum=0.9, weight_decay=weight_decay, augment="basic",
@@ -124,7 +134,7 @@ def machine() -> str:
 
 def results_markdown(rows: Sequence[dict], *, command: str, settings: dict, wall_minutes: float) -> str:
     """The results table with the protocol, the command and the machine."""
-    sgd = next((r for r in rows if r["method"] == "sgd"), None)
+    sgd = next((r for r in rows if r["method"] == BASELINE), None)
     lines = [
         "# CPU reproduction on real CIFAR-10 (`experiments/reproduce_cpu.py`)", "",
         f"Command: `{command}`  ",
@@ -148,7 +158,7 @@ def results_markdown(rows: Sequence[dict], *, command: str, settings: dict, wall
         if r["sigma_increase"]:
             hp += f" (σ cosine-increasing ×{r['sigma_increase']:g})"
         lines.append(
-            f"| {r['method']} | {hp or '-'} | {r['train_loss']:.4f} | {r['test_acc']:.4f} | "
+            f"| {r.get('name', r['method'])} | {hp or '-'} | {r['train_loss']:.4f} | {r['test_acc']:.4f} | "
             f"{r['test_loss']:.4f} | {r['trace']:.1f} ± {r['trace_stderr']:.1f} | {r['lambda_max']:.2f} | "
             f"{r['step_ms']:.1f} | {ratio} | {r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -158,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.reproduce_cpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help=f"CIFAR-10 image folder (default ${fdata.CIFAR10_ENV_VAR})")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"methods with a cifar10_resnet18_<method> config: {', '.join(AVAILABLE)} "
+                        f"(default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--train-per-class", type=int, default=500, help="training images per class")
     p.add_argument("--epochs", type=int, default=8, help="epochs (m-RWP/m-ARWP: twice this)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -183,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                  "trace_probes", "eig_iters"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for method in args.methods:  # before any work
+        try:
+            protocol_config(method, epochs=1, batch_size=1, lr=1.0, weight_decay=0.0)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     start = time.perf_counter()
     try:
         data = load_protocol_data(args.data_dir, args.train_per_class, args.cache_dir)
@@ -203,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         sharp = measure_sharpness(graphdef, summary["params"], summary["model_state"], sharp_data,
                                   seed=args.seed, max_probes=args.trace_probes, eig_iters=args.eig_iters)
         row = {k: v for k, v in summary.items() if k not in ("params", "model_state")}
-        row.update(sharp, method_kwargs=cfg.method_kwargs, sigma_increase=cfg.sigma_increase,
+        row.update(sharp, name=method, method_kwargs=cfg.method_kwargs, sigma_increase=cfg.sigma_increase,
                    minutes=(time.perf_counter() - t0) / 60)
         rows.append(row)
         print(f"{method}: test acc {row['test_acc']:.4f}, train loss {row['train_loss']:.4f}, "

@@ -43,12 +43,29 @@ def test_protocol_runs_and_reports_sharpness(tmp_path):
 
 
 def test_protocol_uses_the_paper_hyper_parameters():
-    for method in configs.METHODS:
+    # the runnable methods: those with a paper config (LETS-ASAM included); the default leaves out LETS only
+    assert reproduce_cpu.AVAILABLE == tuple(v for v in configs.DEFAULT_SWEEP
+                                            if f"cifar10_resnet18_{v}" in configs.CONFIGS)
+    assert {"sgd", "sam", "marwp", "lets", "lets_asam"} <= set(reproduce_cpu.AVAILABLE)
+    assert reproduce_cpu.DEFAULT_METHODS == tuple(v for v in reproduce_cpu.AVAILABLE if not v.startswith("lets"))
+    for method in reproduce_cpu.AVAILABLE:
         cfg = reproduce_cpu.protocol_config(method, epochs=3, batch_size=64, lr=0.05, weight_decay=5e-4)
         paper = configs.CONFIGS[f"cifar10_resnet18_{method}"]
-        assert cfg.method_kwargs == paper.method_kwargs and cfg.sigma_increase == paper.sigma_increase
-        assert cfg.epochs == (6 if method in configs.TWO_BATCH_METHODS else 3)
+        assert cfg.method == paper.method and cfg.method_kwargs == paper.method_kwargs
+        assert cfg.sigma_increase == paper.sigma_increase
+        assert cfg.epochs == (6 if paper.method in configs.TWO_BATCH_METHODS else 3)
         assert (cfg.model, cfg.dataset, cfg.lr, cfg.batch_size) == ("small_cnn", "cifar10-folder", 0.05, 64)
+
+
+def test_a_method_without_a_paper_config_is_a_clear_error(tmp_path):
+    missing = [m for m in configs.METHODS if m not in reproduce_cpu.AVAILABLE]
+    assert missing  # e.g. gsam, samon: no CIFAR-10 ResNet-18 paper config
+    with pytest.raises(ValueError, match=f"no config cifar10_resnet18_{missing[0]} for method '{missing[0]}'"):
+        reproduce_cpu.protocol_config(missing[0], epochs=1, batch_size=8, lr=0.1, weight_decay=0.0)
+    # refused before the data is looked for
+    with pytest.raises(SystemExit, match=f"error: no config cifar10_resnet18_{missing[0]} .*experiments/configs.py"):
+        reproduce_cpu.main(["--methods", "sam", missing[0], "--data-dir", str(tmp_path / "nowhere"),
+                            "--out", str(tmp_path)])
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import train, train_loop
 
 ROOT = Path(__file__).resolve().parents[1]  # the CLI subprocesses run from the repository root
 TINY = ["--method", "sam", "--hidden", "16", "--batch-size", "16", "--no-progress", "--devices", "1"]
@@ -173,10 +173,11 @@ two = pytest.mark.skipif(N_DEV < 2, reason="needs 2 devices")
     ([*S, "--devices", "-1"], "--devices must be an integer >= 0, got -1"),
     ([*S, "--probe-devices", "0"], "--probe-devices must be an integer >= 1, got 0"),
     ([*S, "--devices", "1", "--probe-devices", "2"], "--probe-devices must be between 1 and the 1 devices used"),
-    ([*S, "--devices", "1", "--per-device"], "--per-device needs sam or asam on 2 or more data-parallel devices"),
-    (["--method", "rwp", "--per-device"], "--per-device needs sam or asam"),
+    ([*S, "--devices", "1", "--per-device"],
+     "--per-device needs sam, asam, samon on 2 or more data-parallel devices"),
+    (["--method", "rwp", "--per-device"], "--per-device needs sam, asam, samon on 2 or more"),
     *[pytest.param(["--method", m, "--probe-devices", "2"], f"--probe-devices 2: {m} has no independent passes",
-                   marks=two) for m in ("sam", "asam", "rwp", "arwp", "wpsgd", "sgd", "lets")],
+                   marks=two) for m in ("sam", "asam", "rwp", "arwp", "wpsgd", "sgd", "lets", "gsam", "samon")],
     (["--model", "resnet18", "--hidden", "16"], "--hidden sets the widths of the mlp model only"),
     ([*S[:2], "--hidden", "0"], "--hidden widths must be integers >= 1"),
     ([*S, "--resume", "--overwrite"], "--overwrite replaces the stored runs; --resume continues them"),
@@ -189,7 +190,7 @@ def test_d15_bad_arguments_are_refused_before_training(tmp_path, capsys, monkeyp
     def must_not_run(*args, **kwargs):
         raise AssertionError("training started before the flags were checked")
 
-    monkeypatch.setattr(train, "make_train_step", must_not_run)
+    monkeypatch.setattr(train_loop, "make_train_step", must_not_run)
     msg = _cli_error([*argv, "--no-progress", "--out", str(tmp_path / "out")], capsys)
     assert expected in msg
     assert not list(tmp_path.rglob("metrics.json"))
