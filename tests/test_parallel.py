@@ -200,3 +200,25 @@ def test_naive_gradient_of_replicated_params_is_summed_not_averaged():
                                   in_specs=(P(), P("data")), out_specs=P()))(params, batch)
     true = jax.grad(mlp_loss)(params, batch)
     assert_tree_close(naive, jax.tree.map(lambda g: n * g, true), rtol=1e-4, atol=1e-6)
+
+
+@needs(4)
+@pytest.mark.parametrize("name", ["marwp-two-batches", "nso-k1", "crsam-code"])
+def test_auto_strategy_uses_probe_groups_under_a_probe_mesh(name):
+    """strategy="auto" under jax.set_mesh with a "probe" axis: device groups (SGD's per-device FLOPs for
+    m-ARWP's two passes), the same update as sequential; with no mesh it is sequential."""
+    make, two = CASES[name]
+    params, batch, other = mlp_params(), make_batch(n=256), make_batch(seed=3, n=256)  # passes dominate FLOPs
+    kw = {"perturbed_batch": other} if two else {}
+    ref = direction(make("sequential"), params, batch, **kw)
+    assert_tree_close(direction(make("auto"), params, batch, **kw), ref, rtol=1e-5)
+    mesh = jax.make_mesh((2, 2), ("probe", "data"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:4])
+    tx = make("auto")
+    step = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b, **kw))
+    with jax.set_mesh(mesh):
+        assert_tree_close(step(params, tx.init(params), batch)[0], ref, rtol=1e-4)
+        auto_flops = step.lower(params, tx.init(params), batch).compile().cost_analysis()["flops"]
+    seq = make("sequential")
+    seq_flops = jax.jit(lambda p, s, b: seq.update(None, s, p, batch=b, **kw)).lower(
+        params, seq.init(params), batch).compile().cost_analysis()["flops"]
+    assert auto_flops < 0.75 * seq_flops  # the passes were split over the probe groups

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from flatjax.core import validate as checks
-from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, after, check_strategy
+from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, after, check_strategy, resolve_auto
 from flatjax.core.schedule import ScalarOrSchedule, value_at
 from flatjax.core.tree import PyTree, cast_like, compute_dtype, merge, select
 
@@ -143,7 +143,9 @@ class StepContext:
     def after(self, params: PyTree, batch: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
         """``(params, batch)``, made to wait for ``grads`` under the "sequential" strategy (one pass at a
         time, so the peak memory is one pass's); unchanged under the parallel strategies."""
-        return after(params, batch, grads) if self.evaluator.strategy == "sequential" else (params, batch)
+        sequential = self.evaluator.strategy == "sequential" or (
+            self.evaluator.strategy == "auto" and not isinstance(resolve_auto(2, batch), ShardMapProbes))
+        return after(params, batch, grads) if sequential else (params, batch)
 
     def probes_stacked(self, points: PyTree, batch: PyTree, *, reduce: bool = True) -> Probes:
         """Evaluate at every slice of stacked ``points`` (leaves with a leading probe axis) on one batch,

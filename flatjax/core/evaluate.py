@@ -6,10 +6,12 @@ For n independent passes of a model whose one gradient pass costs F FLOPs and ho
 
 | strategy | FLOPs per device | temporary memory | critical path |
 |---|---|---|---|
-| ``"sequential"`` (``"auto"``) | n F | about A (one pass at a time) | n passes |
+| ``"sequential"`` | n F | about A (one pass at a time) | n passes |
 | ``"vmap"`` | n F | about n A | n passes, batched (fast for matmul-heavy models) |
 | ``ShardMapProbes`` over g groups | n F / g | about (n / g) A | n / g passes |
 
+* ``"auto"`` (the default) — :func:`resolve_auto`: device groups under a mesh with a ``"probe"`` axis,
+  else ``"sequential"``.
 * ``"sequential"`` — one gradient pass after another; each pass waits for the previous one's gradient
   (:func:`after`), so the peak memory is one pass's, like SAM's two dependent passes.
 * ``"vmap"``       — ``jax.vmap`` over a stacked probe axis: the memory-for-speed choice. On CPU a conv
@@ -32,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flatjax.core.tree import PyTree, stack, up
 
@@ -55,12 +57,12 @@ class ShardMapProbes:
         divisible by ``mesh.shape[data_axis]``. Do not combine with the method's own ``axis_name``.
     """
 
-    mesh: Mesh
+    mesh: Mesh | AbstractMesh
     axis: str = "probe"
     data_axis: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.mesh, Mesh):
+        if not isinstance(self.mesh, (Mesh, AbstractMesh)):
             raise ValueError(f"strategy.mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
         if self.axis not in self.mesh.axis_names:
             raise ValueError(
@@ -82,18 +84,42 @@ Strategy = Union[str, ShardMapProbes]
 
 
 def check_strategy(strategy: Strategy) -> Strategy:
-    """Validate a strategy argument; ``"auto"`` maps to the measured default (sequential)."""
-    if isinstance(strategy, ShardMapProbes):
+    """Validate a strategy argument (``"auto"`` is resolved per step: :func:`resolve_auto`)."""
+    if isinstance(strategy, ShardMapProbes) or strategy == "auto":
         return strategy
-    if strategy == "auto":
-        # Measured on CPU (bench_step.md): vmap over conv weight copies is slower than a loop.
-        return "sequential"
     if strategy not in STRATEGIES:
         raise ValueError(
             f"strategy must be 'auto', 'sequential', 'vmap' or flatjax.ShardMapProbes(mesh, axis), "
             f"got {strategy!r}"
         )
     return strategy
+
+
+#: The mesh axis names ``"auto"`` looks for: probe groups, and data parallelism inside each group.
+PROBE_AXIS, DATA_AXIS = "probe", "data"
+
+
+def resolve_auto(n_probes: int, batch: PyTree) -> Strategy:
+    """What ``strategy="auto"`` means for ``n_probes`` independent passes on ``batch``.
+
+    ``ShardMapProbes(mesh, "probe", data_axis="data")`` when the step is traced under a mesh
+    (``jax.set_mesh``) that has a ``"probe"`` axis of size > 1 dividing the probe count (``"data"`` is
+    used when the mesh has it and it divides the batch); otherwise ``"sequential"``: the memory-lean
+    choice, and on CPU also the fastest (``experiments/results/bench_step.md``: vmap over conv weight
+    copies costs several passes). ``"vmap"`` is never chosen automatically (it holds n passes' memory).
+    """
+    try:  # the abstract mesh: inside jax.jit only that one is known (shard_map accepts it)
+        mesh = jax.sharding.get_abstract_mesh()
+    except Exception:  # a JAX without the mesh context API
+        return "sequential"
+    names = () if getattr(mesh, "empty", True) else mesh.axis_names
+    if PROBE_AXIS not in names or mesh.shape[PROBE_AXIS] < 2 or n_probes % mesh.shape[PROBE_AXIS]:
+        return "sequential"
+    data = DATA_AXIS if DATA_AXIS in names else None
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch) if jnp.ndim(x) > 0}
+    if data is not None and any(size % mesh.shape[data] for size in sizes):
+        data = None
+    return ShardMapProbes(mesh, PROBE_AXIS, data_axis=data)
 
 
 class Probes(NamedTuple):
@@ -238,7 +264,10 @@ class Evaluator:
         (n,) = sizes
         point_at = (lambda i: points[i]) if points is not None else (lambda i: params)
         batch_at = (lambda i: batches[i]) if batches is not None else (lambda i: batch)
-        if self.strategy == "sequential" or n == 1:
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "sequential" if self.axis_name is not None else resolve_auto(n, batch_at(0))
+        if strategy == "sequential" or n == 1:
             results = []
             for i in range(n):
                 p, b = point_at(i), batch_at(i)
@@ -256,9 +285,9 @@ class Evaluator:
         def run_local(p, b):
             return jax.vmap(lambda pp, bb: self.value_and_grad(pp, bb, reduce=reduce), in_axes=axes)(p, b)
 
-        if self.strategy == "vmap":
+        if strategy == "vmap":
             return Probes(*run_local(p_in, b_in))
-        return self._shard_map(run_local, p_in, b_in, n, shared_params, shared_batch)
+        return self._shard_map(strategy, run_local, p_in, b_in, n, shared_params, shared_batch)
 
     def probes_stacked(self, points: PyTree, batch: PyTree, *, reduce: bool = True) -> Probes:
         """Evaluate at every slice ``points[i]`` of a stacked pytree (leading probe axis) on one batch.
@@ -274,14 +303,16 @@ class Evaluator:
         def run_local(p, b):
             return jax.vmap(lambda pp: self.value_and_grad(pp, b, reduce=reduce))(p)
 
-        if self.strategy == "sequential":
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "sequential" if self.axis_name is not None else resolve_auto(n, batch)
+        if strategy == "sequential":
             return Probes(*jax.lax.map(lambda p: self.value_and_grad(p, batch, reduce=reduce), points))
-        if self.strategy == "vmap":
+        if strategy == "vmap":
             return Probes(*run_local(points, batch))
-        return self._shard_map(run_local, points, batch, n, shared_params=False, shared_batch=True)
+        return self._shard_map(strategy, run_local, points, batch, n, shared_params=False, shared_batch=True)
 
-    def _shard_map(self, run_local, p_in, b_in, n, shared_params, shared_batch) -> Probes:
-        strategy: ShardMapProbes = self.strategy  # type: ignore[assignment]
+    def _shard_map(self, strategy: ShardMapProbes, run_local, p_in, b_in, n, shared_params, shared_batch) -> Probes:
         if n % strategy.size:
             raise ValueError(
                 f"ShardMapProbes: {n} probes cannot be split evenly over mesh axis "
