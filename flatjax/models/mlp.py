@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import jax
 from flax import nnx
 
-from flatjax.models._layers import linear
+from flatjax.models.layers import linear
 
 
 class MLP(nnx.Module):

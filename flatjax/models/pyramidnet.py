@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flatjax.models._layers import batch_norm, conv, global_avg_pool, linear
+from flatjax.models.layers import batch_norm, conv, global_avg_pool, linear
 
 
 class PyramidBlock(nnx.Module):

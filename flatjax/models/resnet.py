@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import jax
 from flax import nnx
 
-from flatjax.models._layers import batch_norm, conv, global_avg_pool, linear
+from flatjax.models.layers import batch_norm, conv, global_avg_pool, linear
 
 _STEMS = ("cifar", "imagenet")
 _BLOCKS = ("basic", "bottleneck")

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flatjax.models._layers import batch_norm, conv, linear
+from flatjax.models.layers import batch_norm, conv, linear
 
 _CFG_D = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 _CLASSIFIERS = ("mlp", "linear")

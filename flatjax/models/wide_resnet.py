@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flatjax.models._layers import batch_norm, conv, global_avg_pool, linear
+from flatjax.models.layers import batch_norm, conv, global_avg_pool, linear
 
 
 class WideBlock(nnx.Module):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ._common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,
+from .common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,
                       fail, progress)
 from .eigen import lanczos_tridiagonal
 from .hvp import HessianOperator, LossFn, Params, as_operator

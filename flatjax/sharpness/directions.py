@@ -27,7 +27,7 @@ from jax.flatten_util import ravel_pytree
 from flatjax.core.perturb import filter_norms as _filter_norms
 from flatjax.core.perturb import filterwise_gaussian
 
-from ._common import check_choice, check_key, check_nonneg_float
+from .common import check_choice, check_key, check_nonneg_float
 
 Params = Any
 ONE_D_MODES = ("zero", "filter")

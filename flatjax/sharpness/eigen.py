@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int, fail,
+from .common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int, fail,
                       progress)
 from .hvp import HessianOperator, LossFn, Params, as_operator
 from .trace import probe_vectors

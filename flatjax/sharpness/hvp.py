@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._common import Batch, fail, prepare_batches
+from .common import Batch, fail, prepare_batches
 
 LossFn = Callable[[Any, Any], Any]
 Params = Any

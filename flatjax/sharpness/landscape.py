@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import Batch, check_key, check_positive_int, fail, progress
+from .common import Batch, check_key, check_positive_int, fail, progress
 from .directions import filter_normalized_direction
 from .hvp import HessianOperator, LossFn, Params, as_operator, to_numpy
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import check_choice, fail
+from .common import check_choice, fail
 from .density import SpectralDensity
 from .gaps import GapCurve
 from .landscape import Landscape1D, Landscape2D

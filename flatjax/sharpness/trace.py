@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from ._common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,
+from .common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,
                       progress)
 from .hvp import HessianOperator, LossFn, Params, as_operator, to_numpy
 
