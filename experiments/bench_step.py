@@ -191,9 +191,10 @@ def machine_description() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round instead of 3")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_step.md"))
     args = parser.parse_args(argv)
-    rounds = 1 if args.quick else 3
+    rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
     measured = {m: bench_model(m, rounds, 10 if m == "mlp" else 4) for m in ("mlp", "cnn")}
     results = {m: r[0] for m, r in measured.items()}
@@ -202,7 +203,8 @@ def main(argv=None):
         "# Step-time benchmark",
         "",
         f"Machine: {machine_description()}.",
-        f"Command: `python -m experiments.bench_step{' --quick' if args.quick else ''}` "
+        f"Command: `python -m experiments.bench_step{' --quick' if args.quick else ''}"
+        f"{f' --rounds {args.rounds}' if args.rounds else ''}` "
         f"({rounds} interleaved rounds, median step time).",
         "",
         "| step | MLP ms | MLP / SGD | CNN ms | CNN / SGD |",
@@ -227,8 +229,12 @@ def main(argv=None):
     lines += ["", f"Whole run (compilation included): {time.perf_counter() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a hand-written "## Reading" section survives re-runs
+    old = out.read_text() if out.exists() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
+    out.write_text(text + ("\n" + reading if reading else ""))
 
 
 if __name__ == "__main__":
