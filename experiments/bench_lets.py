@@ -157,8 +157,12 @@ def main(argv=None):
     lines += radius_trajectories()
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a hand-written "## Reading" section survives re-runs
+    old = out.read_text() if out.exists() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
+    out.write_text(text + ("\n" + reading if reading else ""))
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> SkipNonfiniteState:
-        zero = jnp.zeros([], jnp.int32)
-        return SkipNonfiniteState(zero, zero, jnp.array(True), inner.init(params))
+        # distinct buffers for every leaf: the state may be donated to a jitted step
+        return SkipNonfiniteState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), jnp.array(True),
+                                  inner.init(params))
 
     def update_fn(updates, state: SkipNonfiniteState, params=None, **extra_args):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)

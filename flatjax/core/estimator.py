@@ -252,7 +252,8 @@ def rule_estimator(
         checks.check_params(name, params)
         if trainable is not None:
             params = select(params, checks.resolve_trainable(name, trainable, params))
-        return EstimatorState(count=jnp.zeros((), jnp.int32), key=base_key, method=init_method_state(params))
+        return EstimatorState(count=jnp.zeros((), jnp.int32), key=jnp.array(base_key),
+                              method=init_method_state(params))
 
     def value_and_grad(
         params: PyTree,

@@ -362,8 +362,10 @@ def lets(
 
     def init(params: PyTree) -> LetsEstimatorState:
         alpha = jnp.array(alpha0)
-        zero = jnp.zeros((), jnp.int32)
-        return LetsEstimatorState(count=zero, log_rho=alpha, radius_state=radius_opt.init(alpha), radius_skips=zero)
+        # distinct buffers for every leaf: a state may be donated to a jitted step
+        return LetsEstimatorState(count=jnp.zeros((), jnp.int32), log_rho=alpha,
+                                  radius_state=radius_opt.init(jnp.array(alpha0)),
+                                  radius_skips=jnp.zeros((), jnp.int32))
 
     def value_and_grad(
         params: PyTree,
