@@ -394,3 +394,19 @@ def test_radius_every_k_updates_the_radius_on_every_kth_step_only():
     assert float(s3.log_rho) != alpha and np.isfinite(float(info.diagnostics["hypergrad"]))
     with pytest.raises(ValueError, match="radius_every must be a positive integer"):
         flatjax.estimators.lets(mlp_loss, base, radius_every=0)
+
+
+def test_state_can_be_donated_to_a_jitted_step():
+    """Every leaf of the state is its own buffer (a shared zero made donation fail)."""
+    tx = flatjax.skip_nonfinite(flatjax.lets(mlp_loss, optax.sgd(0.1, momentum=0.9)))
+    params, state = mlp_params(), None
+    state = tx.init(params)
+
+    def step(p, s, b, v):
+        u, s = tx.update(None, s, p, batch=b, val_batch=v)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    for i in range(3):
+        params, state = step(params, state, make_batch(seed=i), make_batch(seed=10 + i))
+    assert int(state.inner_state.flat.count) == 3
