@@ -222,3 +222,12 @@ def test_auto_strategy_uses_probe_groups_under_a_probe_mesh(name):
     seq_flops = jax.jit(lambda p, s, b: seq.update(None, s, p, batch=b, **kw)).lower(
         params, seq.init(params), batch).compile().cost_analysis()["flops"]
     assert auto_flops < 0.75 * seq_flops  # the passes were split over the probe groups
+
+
+def test_suite_has_the_virtual_devices_conftest_asks_for():
+    """A module imported during collection must not change the device count (the multi-device tests
+    would silently skip): conftest asks for 4."""
+    import os
+
+    if "device_count=4" in os.environ.get("XLA_FLAGS", "") and jax.default_backend() == "cpu":
+        assert len(jax.devices()) == 4, os.environ["XLA_FLAGS"]
