@@ -6,6 +6,9 @@
   extra, imported lazily).
 * :mod:`~flatjax.data.augment` - crop, flip, normalization, Cutout, RandAugment.
 * :class:`BatchIterator`, :func:`prefetch`, :func:`shard_batch` - feeding devices.
+* :func:`streaming_batches` / :func:`streaming_dataset` - a Grain pipeline (worker processes, per-process
+  sharding, checkpointable iterator) for image folders too large for memory, e.g. ImageNet (extras
+  ``flatjax[experiments,data]``: Pillow, orbax, Grain; checkpoint helpers in :mod:`flatjax.data.streaming`).
 """
 
 from flatjax.data.augment import (
@@ -35,6 +38,16 @@ from flatjax.data.image_folder import (
 from flatjax.data.iterator import BatchIterator, prefetch
 from flatjax.data.randaugment import rand_augment
 from flatjax.data.sharding import data_mesh, shard_batch
+from flatjax.data.streaming import (
+    ImageFolderSource,
+    ImageNetTransform,
+    batches_per_epoch,
+    center_crop_box,
+    example_rng,
+    random_resized_crop_box,
+    streaming_batches,
+    streaming_dataset,
+)
 from flatjax.data.tfds import load_tfds, tfds_imagenet_batches
 
 __all__ = [
@@ -48,11 +61,16 @@ __all__ = [
     "DatasetNotFoundError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageFolderSource",
+    "ImageNetTransform",
     "ImageTransform",
+    "batches_per_epoch",
+    "center_crop_box",
     "channel_mean_std",
     "cifar_transforms",
     "cutout",
     "data_mesh",
+    "example_rng",
     "flip_horizontal",
     "load_cifar10_folder",
     "load_digits",
@@ -63,7 +81,10 @@ __all__ = [
     "rand_augment",
     "random_crop",
     "random_flip",
+    "random_resized_crop_box",
     "resolve_cifar10_dir",
     "shard_batch",
+    "streaming_batches",
+    "streaming_dataset",
     "tfds_imagenet_batches",
 ]
