@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import flatjax  # noqa: E402
-from experiments.bench_step import machine_description  # noqa: E402
+from experiments.bench_step import machine_description, write_results  # noqa: E402
 from flatjax import models as fmodels  # noqa: E402
 
 #: The papers' cost columns, relative to SGD: (FLOPs, wall time on 2 devices) where a paper states them.
@@ -127,12 +127,7 @@ def main(argv=None):
     lines.append(f"Whole run (compilation only): {time.perf_counter() - started:.0f} s.")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a hand-written "## Reading" section survives re-runs
-    old = out.read_text() if out.exists() else ""
-    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
-    out.write_text(text + ("\n" + reading if reading else ""))
+    write_results(Path(args.out), text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.bench_step import machine_description, make_problem, time_interleaved  # sets XLA_FLAGS before jax
+from experiments.bench_step import machine_description, make_problem, time_interleaved, write_results  # sets XLA_FLAGS before jax
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -157,12 +157,7 @@ def main(argv=None):
     lines += radius_trajectories()
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a hand-written "## Reading" section survives re-runs
-    old = out.read_text() if out.exists() else ""
-    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
-    out.write_text(text + ("\n" + reading if reading else ""))
+    write_results(Path(args.out), text)
 
 
 if __name__ == "__main__":

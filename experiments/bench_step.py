@@ -189,6 +189,14 @@ def machine_description() -> str:
             f"optax {optax.__version__}, flax {flax.__version__}, backend {jax.default_backend()}")
 
 
+def write_results(path: Path, text: str) -> None:
+    """Write a benchmark's results file, keeping its hand-written ``## Reading`` section across re-runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
+    path.write_text(text + ("\n" + reading if reading else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round instead of 3")
@@ -230,12 +238,7 @@ def main(argv=None):
     lines += ["", f"Whole run (compilation included): {time.perf_counter() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a hand-written "## Reading" section survives re-runs
-    old = out.read_text() if out.exists() else ""
-    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
-    out.write_text(text + ("\n" + reading if reading else ""))
+    write_results(Path(args.out), text)
 
 
 if __name__ == "__main__":

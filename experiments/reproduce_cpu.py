@@ -229,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     settings = {**vars(args), "train_images": len(train), "test_images": len(test),
                 "params": fmodels.count_params(params0),
                 "updates": rows[0]["steps"] if rows else 0}
-    command = "python -m experiments.reproduce_cpu " + shlex.join(argv if argv is not None else sys.argv[1:])
+    args_given = list(argv if argv is not None else sys.argv[1:])
+    for i, arg in enumerate(args_given[:-1]):  # the results file must not carry a path of this machine
+        if arg in ("--data-dir", "--cache-dir"):
+            args_given[i + 1] = "DIR"
+    command = "python -m experiments.reproduce_cpu " + shlex.join(args_given)
     table = results_markdown(rows, command=command.strip(), settings=settings,
                              wall_minutes=(time.perf_counter() - start) / 60)
     out.mkdir(parents=True, exist_ok=True)

@@ -124,8 +124,8 @@ def updates_as_clean_grad(name: str, updates: PyTree, clean_grad: PyTree) -> Non
     )
 
 
-def as_transformation(estimator: Estimator, *, aux_init: PyTree = None) -> optax.GradientTransformationExtraArgs:
-    """The Optax form of an estimator built by ``rule_estimator`` (see the module docstring)."""
+def aux_template_of(estimator: Estimator, aux_init: PyTree) -> PyTree:
+    """The Optax form's fixed aux structure: ``aux_init`` as arrays (None without ``has_aux``)."""
     name = estimator.name
     if estimator.has_aux and aux_init is None:
         raise ValueError(
@@ -135,7 +135,13 @@ def as_transformation(estimator: Estimator, *, aux_init: PyTree = None) -> optax
         )
     if not estimator.has_aux and aux_init is not None:
         raise ValueError(f"{name}: aux_init is only used with has_aux=True")
-    aux_template = jax.tree.map(jnp.asarray, aux_init) if estimator.has_aux else None
+    return jax.tree.map(jnp.asarray, aux_init) if estimator.has_aux else None
+
+
+def as_transformation(estimator: Estimator, *, aux_init: PyTree = None) -> optax.GradientTransformationExtraArgs:
+    """The Optax form of an estimator built by ``rule_estimator`` (see the module docstring)."""
+    name = estimator.name
+    aux_template = aux_template_of(estimator, aux_init)
 
     def init_fn(params: PyTree) -> FlatState:
         est = estimator.init(params)

@@ -101,8 +101,8 @@ from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Estimator, Info
 from flatjax.core.evaluate import Evaluator
 from flatjax.core.schedule import ScalarOrSchedule, value_at
-from flatjax.core.transform import (FlatState, StepInfo, check_aux, check_not_masked, empty_info,
-                                    updates_as_clean_grad)
+from flatjax.core.transform import (FlatState, StepInfo, aux_template_of, check_aux, check_not_masked,
+                                    empty_info, updates_as_clean_grad)
 from flatjax.core.tree import XI, PyTree, add_scaled, cast_like, compute_dtype, global_norm, merge, select, vdot
 from flatjax.core.validate import (check_bool, check_callable, check_choice, check_data_parallel,
                                    check_extra_args, check_like_params, check_number, check_positive_int,
@@ -488,13 +488,6 @@ def lets(
             new_alpha = jnp.where(ok, new_alpha, alpha)
             new_radius_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_radius_state, state.radius_state)
             skips = state.radius_skips + jnp.logical_not(ok).astype(jnp.int32)
-            hypergrad = jnp.asarray(hypergrad, jnp.float32)
-            radius_updates, new_radius_state = radius_opt.update(hypergrad, state.radius_state, alpha)
-            new_alpha = jnp.asarray(optax.apply_updates(alpha, radius_updates), jnp.float32)
-            ok = jnp.isfinite(hypergrad) & jnp.isfinite(new_alpha)
-            new_alpha = jnp.where(ok, new_alpha, alpha)
-            new_radius_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_radius_state, state.radius_state)
-            skips = state.radius_skips + jnp.logical_not(ok).astype(jnp.int32)
             measured = [jnp.asarray(x, jnp.float32) for x in (lv, lb, gap, upper, hypergrad)]
             return d, jnp.asarray(point_losses, jnp.float32), measured, new_alpha, new_radius_state, skips
 
@@ -531,16 +524,8 @@ def lets(
 
 def lets_transformation(estimator: LetsEstimator, *, aux_init: PyTree = None) -> optax.GradientTransformationExtraArgs:
     """The Optax form of a LETS estimator: the estimator's direction applied by its base optimizer."""
-    if estimator.has_aux and aux_init is None:
-        raise ValueError(
-            "lets: has_aux=True needs aux_init, the initial value of the aux your loss returns (e.g. the model's "
-            "initial batch_stats), so the Optax state has a fixed structure; the estimator form "
-            "flatjax.estimators.lets returns aux instead"
-        )
-    if not estimator.has_aux and aux_init is not None:
-        raise ValueError("lets: aux_init is only used with has_aux=True")
+    aux_template = aux_template_of(estimator, aux_init)
     base = estimator.base_optimizer
-    aux_template = jax.tree.map(jnp.asarray, aux_init) if estimator.has_aux else None
 
     def init_fn(params: PyTree) -> LetsState:
         est = estimator.init(params)
