@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import flatjax
 from flatjax import sharpness as S
 
 SIZES = (4, 8, 8, 3)  # 139 parameters
@@ -372,3 +375,26 @@ def test_bad_arguments_raise_value_error(problem):
         S.filter_normalized_direction(key, p, one_d="keep")
     with pytest.raises(ValueError, match="has_aux"):
         S.hutchinson_trace(mlp_loss, p, b, key=key, has_aux=True)
+
+
+def test_toolkit_and_methods_share_one_error_style(problem):
+    """The sharpness toolkit checks its arguments with flatjax.core.validate: same message shape as the methods."""
+    p, b = problem["params"], problem["batch"]
+    key = jax.random.key(0)
+    style = r"^(\S+) must be (.+), got (.+)$"
+    errors = []
+    for call in (lambda: S.hutchinson_trace(mlp_loss, p, b, key=key, probe="uniform"),
+                 lambda: S.hutchinson_trace(mlp_loss, p, b, key=key, min_samples=1),
+                 lambda: S.hutchinson_trace(mlp_loss, p, b, key=key, rtol=-1.0),
+                 lambda: S.hutchinson_trace(mlp_loss, p, b, key="seed"),
+                 lambda: S.sam_approximation_ratio(mlp_loss, p, b, rho=0.0),
+                 lambda: S.filter_normalized_direction(key, p, one_d="keep"),
+                 lambda: flatjax.sam(mlp_loss, rho=-1.0),
+                 lambda: flatjax.nso(mlp_loss, noise="cauchy"),
+                 lambda: flatjax.nso(mlp_loss, k=0)):
+        with pytest.raises(ValueError) as err:
+            call()
+        errors.append(str(err.value))
+    names = [m.group(1) if (m := re.match(style, e, flags=re.S)) else e for e in errors]
+    assert names == ["probe", "min_samples", "rtol", "key", "rho", "one_d", "rho", "noise", "k"], errors
+    assert "an integer >= 2" in errors[1] and "[0, inf)" in errors[2] and "(0, inf)" in errors[4]

@@ -1,4 +1,5 @@
-"""Input checks: a clear ``ValueError`` naming the parameter, its accepted range and, where it helps, the fix.
+"""Input checks for the whole package: a ``ValueError`` naming the parameter, its accepted range and, where it helps,
+the fix. One style everywhere: ``"<name> must be <accepted>, got <value>"`` (built by :func:`invalid`).
 
 Hyper-parameter values may be floats, concrete arrays, or schedules (callables of the step count). Traced values (as
 handed in by ``optax.inject_hyperparams`` inside ``update``) cannot be checked and are let through: they
@@ -16,20 +17,28 @@ import jax
 import numpy as np
 
 
-def _concrete(name: str, value: Any) -> float | None:
+def invalid(name: str, accepted: str, value: Any) -> ValueError:
+    """The package's one error: it names the parameter, what it accepts and what it got."""
+    return ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+_SCHEDULE = "a real number or a schedule (a function of the step count)"
+
+
+def _concrete(name: str, value: Any, accepted: str = _SCHEDULE) -> float | None:
     """The value as a Python float, or None when it is traced (not checkable)."""
     if isinstance(value, jax.core.Tracer):
         return None
     if value is None or isinstance(value, (str, bytes)):
-        raise ValueError(f"{name} must be a real number or a schedule (a function of the step count), got {value!r}")
+        raise invalid(name, accepted, value)
     try:
         arr = np.asarray(value)
     except Exception as err:
-        raise ValueError(f"{name} must be a real number or a schedule, got {type(value).__name__}") from err
+        raise invalid(name, accepted, type(value).__name__) from err
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be a real number or a schedule, got {value!r} (dtype {arr.dtype})")
+        raise invalid(name, accepted, value)
     if arr.size != 1:
-        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
+        raise invalid(name, "a scalar", f"shape {arr.shape}")
     return float(arr.reshape(()))
 
 
@@ -69,7 +78,7 @@ def check_range(
             raise ValueError(f"{name}: schedule failed at step 0 ({err})") from err
     x = _concrete(name, value)
     if x is not None and not bool(_in_range(x, low, high, low_open, high_open)):
-        raise ValueError(f"{name} must be finite and in {_interval(low, high, low_open, high_open)}, got {x!r}")
+        raise invalid(name, f"finite and in {_interval(low, high, low_open, high_open)}", x)
 
 
 def guarded(
@@ -106,25 +115,33 @@ def guarded(
             return jax.numpy.where(_in_range(v, low, high, low_open, high_open), v, jax.numpy.nan)
         x = _concrete(name, v)
         if not _in_range(x, low, high, low_open, high_open):
-            raise ValueError(f"{name} must be finite and in {interval}, got {x!r}")
+            raise invalid(name, f"finite and in {interval}", x)
         return v
 
     return checked
 
 
-def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive Python int (or None when allowed)."""
+def check_positive_int(name: str, value: Any, minimum: int = 1, *, allow_none: bool = False) -> int | None:
+    """``value`` as an int if it is an integer >= ``minimum`` (or None when allowed), else ``ValueError``."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise invalid(name, "a positive integer" if minimum == 1 else f"an integer >= {minimum}", value)
+    return int(value)
 
 
-def check_number(name: str, value: Any, **interval: Any) -> None:
-    """Like :func:`check_range`, for an argument that must be a plain number (no schedule)."""
+def check_number(name: str, value: Any, **interval: Any) -> float:
+    """``value`` as a float if it is a finite plain number (no schedule) in the interval of :func:`check_range`."""
     if callable(value):
-        raise ValueError(f"{name} must be a number, not a schedule")
+        raise invalid(name, "a number, not a schedule", value)
+    x = _concrete(name, value, "a real number")
     check_range(name, value, **interval)
+    return value if x is None else x
+
+
+def check_nonnegative(name: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a float if it is finite and >= 0 (> 0 when ``positive``)."""
+    return check_number(name, value, low=0.0, low_open=positive)
 
 
 def check_extra_args(name: str, extra: dict, known: tuple[str, ...]) -> None:
@@ -139,29 +156,30 @@ def check_extra_args(name: str, extra: dict, known: tuple[str, ...]) -> None:
                              f"(it takes {', '.join(known)})")
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
+    """``value`` if it is one of ``choices``, else ``ValueError``."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise invalid(name, f"one of {tuple(choices)}", value)
+    return value
 
 
 def check_callable(name: str, value: Any) -> Callable:
     """Raise ``ValueError`` unless ``value`` is callable."""
     if not callable(value):
-        raise ValueError(f"{name} must be callable, got {type(value).__name__}")
+        raise invalid(name, "callable", type(value).__name__)
     return value
 
 
 def check_bool(name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is a Python bool."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise invalid(name, "True or False", value)
 
 
 def check_axis_name(name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is None or a mesh/pmap axis name (a string)."""
     if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name} must be None or the name of a mapped axis (a string), got {value!r}")
+        raise invalid(name, "None or the name of a mapped axis (a string)", value)
 
 
 def raw_key(seed: Any) -> jax.Array:
@@ -171,8 +189,27 @@ def raw_key(seed: Any) -> jax.Array:
     if isinstance(seed, (jax.Array, np.ndarray)) and np.shape(seed) == (2,):
         return jax.numpy.asarray(seed).astype(jax.numpy.uint32)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
-        raise ValueError(f"seed must be an int or a jax.random key, got {seed!r}")
+        raise invalid("seed", "an int or a jax.random key", seed)
     return jax.random.key_data(jax.random.key(seed))
+
+
+_KEY = "a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed))"
+
+
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """``key`` if it is one new-style typed key (``jax.random.key``) or a raw uint32[2] key (``PRNGKey``)."""
+    if key is None:
+        raise invalid(name, _KEY, key)
+    try:
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.shape != ():
+                raise invalid(name, "a single jax.random key (shape ())", key)
+            return key
+        if key.shape == (2,) and key.dtype == np.uint32:
+            return key
+    except AttributeError:
+        pass
+    raise invalid(name, _KEY, key)
 
 
 def check_params(name: str, params: Any) -> None:

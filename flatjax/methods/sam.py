@@ -21,7 +21,7 @@ from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_
 from flatjax.core.evaluate import Strategy
 from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, global_norm, index, weighted_sum
-from flatjax.core.validate import check_bool, check_positive_int, guarded
+from flatjax.core.validate import check_bool, check_positive_int, guarded, invalid
 
 # ascent(grad, params, hyper) -> perturbation e
 Ascent = Callable[[PyTree, PyTree, dict], PyTree]
@@ -250,9 +250,8 @@ def as_mask_fn(mask: PyTree | Callable[[PyTree], PyTree] | None) -> Callable[[Py
     def mask_of(params):
         m = mask(params) if callable(mask) else mask
         if jax.tree.structure(m) != jax.tree.structure(params):
-            raise ValueError(f"mask must be a pytree of bools with the structure of params (or a function "
-                             f"params -> such a tree); got structure {jax.tree.structure(m)} for params "
-                             f"{jax.tree.structure(params)}")
+            raise invalid("mask", "a pytree of bools with the structure of params (or a function params -> such "
+                          f"a tree); params have {jax.tree.structure(params)}", jax.tree.structure(m))
         return m
 
     return mask_of

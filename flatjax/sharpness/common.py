@@ -1,75 +1,30 @@
-"""Shared helpers of :mod:`flatjax.sharpness`: argument checks, batch handling, progress bars.
+"""Shared helpers of :mod:`flatjax.sharpness`: batch handling and progress bars.
 
-Private module; nothing here is part of the public API.
+Argument checks live in :mod:`flatjax.core.validate` (one validation module and one error style for the package).
+Not part of the public API.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from ..core.validate import check_choice, invalid
+
 Batch = Any
 """A batch is any pytree of arrays handed unchanged to ``loss_fn(params, batch)``."""
 
 _WEIGHTINGS = ("size", "equal")
-_KEY_RANGE = "a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed))"
-
-
-def fail(name: str, accepted: str, value: Any) -> ValueError:
-    """Build the ``ValueError`` used across the package: it names the parameter and its range."""
-    return ValueError(f"{name} must be {accepted}; got {value!r}")
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """Return ``value`` as an int if it is an integer >= ``minimum``, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise fail(name, f"an integer >= {minimum}", value)
-    return int(value)
-
-
-def check_nonneg_float(name: str, value: Any, *, positive: bool = False) -> float:
-    """Return ``value`` as a float if it is finite and >= 0 (> 0 when ``positive``)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise fail(name, "a finite real number " + ("> 0" if positive else ">= 0"), value) from None
-    if not math.isfinite(x) or x < 0 or (positive and x == 0):
-        raise fail(name, "a finite real number " + ("> 0" if positive else ">= 0"), value)
-    return x
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise ``ValueError``."""
-    if value not in choices:
-        raise fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
-    return value
-
-
-def check_key(key: Any) -> jax.Array:
-    """Accept a new-style typed key (``jax.random.key``) or a raw uint32[2] key (``PRNGKey``)."""
-    if key is None:
-        raise fail("key", _KEY_RANGE, key)
-    try:
-        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-            if key.shape != ():
-                raise fail("key", "a single jax.random key (shape ())", key)
-            return key
-        if key.shape == (2,) and key.dtype == np.uint32:
-            return key
-    except AttributeError:
-        pass
-    raise fail("key", _KEY_RANGE, key)
 
 
 def batch_size_of(batch: Batch) -> int:
     """Leading-axis length of the first array leaf of ``batch`` (used by ``weighting='size'``)."""
     leaves = jax.tree.leaves(batch)
     if not leaves or np.ndim(leaves[0]) == 0:
-        raise fail(
+        raise invalid(
             "weighting",
             "'equal' or a sequence of weights when batches have no leading batch axis "
             "('size' needs the first leaf of each batch to have ndim >= 1)",
@@ -96,7 +51,7 @@ def prepare_batches(
     Returns the list of batches and the normalised weights.
     """
     if (batch is None) == (batches is None):
-        raise fail("batch/batches",
+        raise invalid("batch/batches",
                    "exactly one of them (a single batch or an iterable of batches)",
                    (type(batch).__name__, type(batches).__name__))
     if batch is not None:
@@ -104,12 +59,12 @@ def prepare_batches(
     else:
         if isinstance(batches, (str, bytes, dict)) or hasattr(batches, "shape") or not isinstance(
                 batches, (Iterable, Iterator)):
-            raise fail("batches", "an iterable of batches (list, tuple, generator, data loader); "
+            raise invalid("batches", "an iterable of batches (list, tuple, generator, data loader); "
                        "pass a single batch (e.g. a dict or an array) as batch=",
                        type(batches).__name__)
         items = list(batches)
         if not items:
-            raise fail("batches", "a non-empty iterable of batches", "an empty iterable")
+            raise invalid("batches", "a non-empty iterable of batches", "an empty iterable")
     items = [jax.device_put(b) for b in items]
     if isinstance(weighting, str):
         check_choice("weighting", weighting, _WEIGHTINGS)
@@ -120,7 +75,7 @@ def prepare_batches(
     else:
         w = np.asarray(weighting, dtype=np.float64)
         if w.shape != (len(items),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise fail("weighting", f"'size', 'equal' or {len(items)} non-negative finite numbers "
+            raise invalid("weighting", f"'size', 'equal' or {len(items)} non-negative finite numbers "
                        "with a positive sum", weighting)
     return items, w / w.sum()
 

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from .common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,
-                      fail, progress)
+from ..core.validate import check_choice, check_key, check_nonnegative, check_positive_int, invalid
+from .common import Batch, progress
 from .eigen import lanczos_tridiagonal
 from .hvp import HessianOperator, LossFn, Params, as_operator
 from .trace import PROBES, probe_vectors
@@ -63,8 +63,8 @@ class SpectralDensity(NamedTuple):
           ``(grid, density)``; the density integrates to one over a grid that covers the nodes
           (the default grid does).
         """
-        bandwidth = check_nonneg_float("bandwidth", bandwidth, positive=True)
-        padding = check_nonneg_float("padding", padding)
+        bandwidth = check_nonnegative("bandwidth", bandwidth, positive=True)
+        padding = check_nonnegative("padding", padding)
         lo, hi = float(self.nodes.min()), float(self.nodes.max())
         span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
         sigma = bandwidth * span
@@ -127,5 +127,5 @@ def slq_density(
         nodes[r, n:] = theta[-1]  # padding nodes carry zero weight
         weights[r, :n] = s[0, :] ** 2
     if not np.all(np.isfinite(nodes)):
-        raise fail("loss_fn", "a loss with a finite Hessian at params", "non-finite Ritz values")
+        raise invalid("loss_fn", "a loss with a finite Hessian at params", "non-finite Ritz values")
     return SpectralDensity(nodes, weights, op.dim)

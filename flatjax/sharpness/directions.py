@@ -27,7 +27,7 @@ from jax.flatten_util import ravel_pytree
 from flatjax.core.perturb import filter_norms as _filter_norms
 from flatjax.core.perturb import filterwise_gaussian
 
-from .common import check_choice, check_key, check_nonneg_float
+from ..core.validate import check_choice, check_key, check_nonnegative, invalid
 
 Params = Any
 ONE_D_MODES = ("zero", "filter")
@@ -63,8 +63,7 @@ _filter_noise = jax.jit(filterwise_gaussian)
 def _as_arrays(tree: Params, name: str) -> Params:
     leaves = jax.tree.leaves(tree)
     if not leaves or not all(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) for x in leaves):
-        raise ValueError(f"{name} must be a non-empty pytree of floating-point arrays; got "
-                         f"{type(tree).__name__}")
+        raise invalid(name, "a non-empty pytree of floating-point arrays", type(tree).__name__)
     return jax.tree.map(jnp.asarray, tree)
 
 
@@ -84,16 +83,15 @@ def filter_normalize(direction: Params, params: Params, *, one_d: str = "zero",
       eps: guard in the denominator (> 0).
     """
     check_choice("one_d", one_d, ONE_D_MODES)
-    eps = check_nonneg_float("eps", eps, positive=True)
+    eps = check_nonnegative("eps", eps, positive=True)
     params = _as_arrays(params, "params")
     direction = _as_arrays(direction, "direction")
     if jax.tree.structure(direction) != jax.tree.structure(params):
-        raise ValueError("direction must be a pytree with the same structure as params; got "
-                         f"{jax.tree.structure(direction)} vs {jax.tree.structure(params)}")
+        raise invalid("direction", f"a pytree with the structure of params ({jax.tree.structure(params)})",
+                      jax.tree.structure(direction))
     for d, w in zip(jax.tree.leaves(direction), jax.tree.leaves(params)):
         if d.shape != w.shape:
-            raise ValueError(f"direction leaves must have the shapes of params; got {d.shape} vs "
-                             f"{w.shape}")
+            raise invalid("direction", f"a pytree with the leaf shapes of params ({w.shape})", d.shape)
     return _filter_normalize(direction, params, one_d, eps)
 
 
@@ -115,5 +113,5 @@ def filter_wise_noise(key: jax.Array, params: Params, sigma: float) -> Params:
     Compiled once per parameter structure.
     """
     key = check_key(key)
-    sigma = check_nonneg_float("sigma", sigma)
+    sigma = check_nonnegative("sigma", sigma)
     return _filter_noise(key, _as_arrays(params, "params"), jnp.float32(sigma))

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int, fail,
-                      progress)
+from ..core.validate import check_choice, check_key, check_nonnegative, check_positive_int, invalid
+from .common import Batch, progress
 from .hvp import HessianOperator, LossFn, Params, as_operator
 from .trace import probe_vectors
 
@@ -107,12 +107,12 @@ def lanczos_tridiagonal(
     """
     v0 = jnp.asarray(v0)
     if v0.ndim != 1 or v0.size == 0:
-        raise fail("v0", "a non-empty flat vector", v0.shape)
+        raise invalid("v0", "a non-empty flat vector", v0.shape)
     dim = v0.size
     num_iters = min(check_positive_int("num_iters", num_iters), dim)
     nrm = jnp.linalg.norm(v0)
     if not float(nrm) > 0:
-        raise fail("v0", "a non-zero vector", "zero vector")
+        raise invalid("v0", "a non-zero vector", "zero vector")
     v = v0 / nrm
     eps = float(jnp.finfo(v.dtype).eps)
     # Without reorthogonalisation and without keep_basis the basis is not needed: 1-row dummy.
@@ -184,16 +184,16 @@ def lanczos_eigenvalues(
     k = check_positive_int("k", k)
     num_iters = check_positive_int("num_iters", num_iters, k)
     check_choice("which", which, ("largest", "smallest", "magnitude"))
-    tol = check_nonneg_float("tol", tol)
+    tol = check_nonnegative("tol", tol)
     op = as_operator(loss_fn, params, batch, batches, has_aux, weighting)
     if k > op.dim:
-        raise fail("k", f"at most the number of parameters ({op.dim})", k)
+        raise invalid("k", f"at most the number of parameters ({op.dim})", k)
     tri = lanczos_tridiagonal(op.matvec, _start_vector(key, op.dim, op.dtype), num_iters,
                               reorthogonalize=True, keep_basis=return_vectors,
                               progress_bar=progress_bar)
     theta, s = tri.eigh()
     if k > theta.size:
-        raise fail("k", f"at most the Krylov dimension reached ({theta.size}, after breakdown)", k)
+        raise invalid("k", f"at most the Krylov dimension reached ({theta.size}, after breakdown)", k)
     if which == "largest":
         order = np.argsort(-theta)[:k]
     elif which == "smallest":
@@ -258,10 +258,10 @@ def power_iteration(
     key = check_key(key)
     k = check_positive_int("k", k)
     max_iters = check_positive_int("max_iters", max_iters)
-    tol = check_nonneg_float("tol", tol)
+    tol = check_nonnegative("tol", tol)
     op = as_operator(loss_fn, params, batch, batches, has_aux, weighting)
     if k > op.dim:
-        raise fail("k", f"at most the number of parameters ({op.dim})", k)
+        raise invalid("k", f"at most the number of parameters ({op.dim})", k)
     found = jnp.zeros((k, op.dim), op.dtype)
     eigvals, residuals, total, all_conv = [], [], 0, True
     for i in range(k):

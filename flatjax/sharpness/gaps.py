@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,
-                      fail, progress)
+from ..core.validate import check_choice, check_key, check_nonnegative, check_positive_int, invalid
+from .common import Batch, progress
 from .directions import filter_wise_noise
 from .hvp import HessianOperator, LossFn, Params, as_operator
 from .trace import TraceEstimate, hutchinson_trace, probe_vectors
@@ -95,7 +95,7 @@ class GapCurve(NamedTuple):
 def _scales(name: str, values: Any) -> np.ndarray:
     arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise fail(name, "a non-empty 1-D sequence of finite numbers >= 0", values)
+        raise invalid(name, "a non-empty 1-D sequence of finite numbers >= 0", values)
     return arr
 
 
@@ -127,11 +127,11 @@ def normalized_hessian_trace(
     if trace is None:
         trace = hutchinson_trace(op, key=check_key(key), **trace_options)
     elif not isinstance(trace, TraceEstimate):
-        raise fail("trace", "a TraceEstimate from hutchinson_trace or None", type(trace).__name__)
+        raise invalid("trace", "a TraceEstimate from hutchinson_trace or None", type(trace).__name__)
     _, g = op.loss_and_grad()
     gn = float(jnp.linalg.norm(g))
     if not gn > 0:
-        raise fail("params", "a point with a non-zero gradient (C(w) divides by ||∇L||)",
+        raise invalid("params", "a point with a non-zero gradient (C(w) divides by ||∇L||)",
                    "zero gradient")
     return NormalizedTrace(trace.trace / gn, trace.stderr / gn, trace, gn)
 
@@ -192,9 +192,9 @@ def sam_approximation_ratio(
       num_steps: ascent iterates ``K >= 1`` (``K = 1`` gives ``AR = 1``).
       step_size: ascent step as a fraction of ``ρ`` (> 0).
     """
-    rho = check_nonneg_float("rho", rho, positive=True)
+    rho = check_nonnegative("rho", rho, positive=True)
     num_steps = check_positive_int("num_steps", num_steps)
-    step_size = check_nonneg_float("step_size", step_size, positive=True)
+    step_size = check_nonnegative("step_size", step_size, positive=True)
     op = as_operator(loss_fn, params, batch, batches, has_aux, weighting)
     base, gaps = _ascent(op, rho, num_steps, step_size)
     best = float(np.max(gaps))
@@ -320,7 +320,7 @@ def adversarial_perturbation_gaps(
     """
     radii = _scales("radii", radii)
     num_steps = check_positive_int("num_steps", num_steps)
-    step_size = check_nonneg_float("step_size", step_size, positive=True)
+    step_size = check_nonnegative("step_size", step_size, positive=True)
     op = as_operator(loss_fn, params, batch, batches, has_aux, weighting)
     base = op.loss()
     best = []

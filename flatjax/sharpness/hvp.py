@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .common import Batch, fail, prepare_batches
+from ..core.validate import invalid
+from .common import Batch, prepare_batches
 
 LossFn = Callable[[Any, Any], Any]
 Params = Any
@@ -80,12 +81,12 @@ def _build(loss_fn: LossFn, has_aux: bool) -> _Compiled:
         out = loss_fn(p, b)
         if has_aux:
             if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise fail("has_aux",
+                raise invalid("has_aux",
                            "False when loss_fn returns a scalar (True needs (loss, aux))", has_aux)
             out = out[0]
         out = jnp.asarray(out)
         if out.shape != ():
-            raise fail("loss_fn",
+            raise invalid("loss_fn",
                        "a function returning a scalar loss (or (loss, aux) with has_aux=True)",
                        f"output of shape {out.shape}")
         return out
@@ -155,10 +156,10 @@ class HessianOperator:
         weighting: str | Sequence[float] = "size",
     ) -> None:
         if not callable(loss_fn):
-            raise fail("loss_fn", "a callable loss_fn(params, batch)", loss_fn)
+            raise invalid("loss_fn", "a callable loss_fn(params, batch)", loss_fn)
         leaves = jax.tree.leaves(params)
         if not leaves or not all(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) for x in leaves):
-            raise fail("params", "a non-empty pytree of floating-point arrays", type(params).__name__)
+            raise invalid("params", "a non-empty pytree of floating-point arrays", type(params).__name__)
         self.loss_fn = loss_fn
         self.has_aux = bool(has_aux)
         self.params = jax.tree.map(jnp.asarray, params)
@@ -184,21 +185,21 @@ class HessianOperator:
         """``H v`` for a flat vector ``v`` of length :attr:`dim`."""
         v = jnp.asarray(v, self.dtype)
         if v.shape != (self.dim,):
-            raise fail("v", f"a flat vector of shape ({self.dim},)", v.shape)
+            raise invalid("v", f"a flat vector of shape ({self.dim},)", v.shape)
         return self._sum(self._fns.hvp, v)
 
     def matmat(self, vs: jax.Array) -> jax.Array:
         """Rows ``H v_i`` for a block ``vs`` of shape ``(k, dim)`` (vectorised with ``vmap``)."""
         vs = jnp.asarray(vs, self.dtype)
         if vs.ndim != 2 or vs.shape[1] != self.dim:
-            raise fail("vs", f"an array of shape (k, {self.dim})", vs.shape)
+            raise invalid("vs", f"an array of shape (k, {self.dim})", vs.shape)
         return self._sum(self._fns.hvp_block, vs)
 
     def quadratic_forms(self, vs: jax.Array) -> jax.Array:
         """``v_iᵀ H v_i`` for each row of ``vs`` (shape ``(k, dim)``), in one compiled call per batch."""
         vs = jnp.asarray(vs, self.dtype)
         if vs.ndim != 2 or vs.shape[1] != self.dim:
-            raise fail("vs", f"an array of shape (k, {self.dim})", vs.shape)
+            raise invalid("vs", f"an array of shape (k, {self.dim})", vs.shape)
         return self._sum(self._fns.quad_block, vs)
 
     def loss(self, delta: jax.Array | None = None) -> float:
@@ -222,7 +223,7 @@ class HessianOperator:
         """``H v`` for a pytree ``v`` with the structure of ``params``."""
         flat, _ = ravel_pytree(v)
         if flat.shape != (self.dim,):
-            raise fail("v", "a pytree with the same structure and shapes as params", type(v).__name__)
+            raise invalid("v", "a pytree with the same structure and shapes as params", type(v).__name__)
         return self.unravel(self.matvec(flat))
 
     def ravel(self, tree: Params) -> jax.Array:
@@ -261,11 +262,11 @@ def as_operator(
     """Return ``loss_fn`` itself if it is a :class:`HessianOperator`, else build one."""
     if isinstance(loss_fn, HessianOperator):
         if params is not None or batch is not None or batches is not None:
-            raise fail("params/batch/batches", "None when a HessianOperator is passed as loss_fn",
+            raise invalid("params/batch/batches", "None when a HessianOperator is passed as loss_fn",
                        "given")
         return loss_fn
     if params is None:
-        raise fail("params", "a pytree of floating-point arrays", params)
+        raise invalid("params", "a pytree of floating-point arrays", params)
     return HessianOperator(loss_fn, params, batch, batches=batches, has_aux=has_aux,
                            weighting=weighting)
 

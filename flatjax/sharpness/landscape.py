@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import Batch, check_key, check_positive_int, fail, progress
+from ..core.validate import check_key, check_positive_int, invalid
+from .common import Batch, progress
 from .directions import filter_normalized_direction
 from .hvp import HessianOperator, LossFn, Params, as_operator, to_numpy
 
@@ -65,7 +66,7 @@ def _summary(losses: np.ndarray, center: float) -> dict[str, float]:
 def _coords(name: str, values: Any) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
-        raise fail(name, "a non-empty 1-D sequence of finite numbers", values)
+        raise invalid(name, "a non-empty 1-D sequence of finite numbers", values)
     return arr
 
 
@@ -91,13 +92,13 @@ def _direction(op: HessianOperator, d: Params | None, key: jax.Array | None, one
                name: str) -> tuple[Params, jax.Array]:
     if d is None:
         if key is None:
-            raise fail("key", f"a jax.random key when {name} is not given", key)
+            raise invalid("key", f"a jax.random key when {name} is not given", key)
         d = filter_normalized_direction(key, op.params, one_d=one_d)
     if jax.tree.structure(d) != jax.tree.structure(op.params):
-        raise fail(name, "a pytree with the structure of params", jax.tree.structure(d))
+        raise invalid(name, "a pytree with the structure of params", jax.tree.structure(d))
     flat = op.ravel(d)
     if flat.shape != (op.dim,):
-        raise fail(name, "a pytree with the shapes of params", flat.shape)
+        raise invalid(name, "a pytree with the shapes of params", flat.shape)
     return d, flat
 
 
@@ -174,13 +175,13 @@ def loss_landscape_2d(
     betas = _coords("betas", np.linspace(-1.0, 1.0, 51) if betas is None else betas)
     if directions is None:
         if key is None:
-            raise fail("key", "a jax.random key when directions is not given", key)
+            raise invalid("key", "a jax.random key when directions is not given", key)
         k1, k2 = jax.random.split(check_key(key))
         d1, f1 = _direction(op, None, k1, one_d, "directions[0]")
         d2, f2 = _direction(op, None, k2, one_d, "directions[1]")
     else:
         if not isinstance(directions, (tuple, list)) or len(directions) != 2:
-            raise fail("directions", "a pair (d1, d2) of pytrees shaped like params",
+            raise invalid("directions", "a pair (d1, d2) of pytrees shaped like params",
                        type(directions).__name__)
         d1, f1 = _direction(op, directions[0], None, one_d, "directions[0]")
         d2, f2 = _direction(op, directions[1], None, one_d, "directions[1]")

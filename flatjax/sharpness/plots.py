@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import check_choice, fail
+from ..core.validate import check_choice, invalid
 from .density import SpectralDensity
 from .gaps import GapCurve
 from .landscape import Landscape1D, Landscape2D
@@ -40,7 +40,7 @@ def plot_landscape_1d(landscape: Landscape1D, path: str | os.PathLike, *,
                       title: str | None = None, log_scale: bool = False) -> str:
     """Loss along a filter-normalised direction (Li et al. 2018); returns the PNG path."""
     if not isinstance(landscape, Landscape1D):
-        raise fail("landscape", "a Landscape1D from loss_landscape_1d", type(landscape).__name__)
+        raise invalid("landscape", "a Landscape1D from loss_landscape_1d", type(landscape).__name__)
     fig = _figure((5.0, 3.6))
     ax = fig.add_subplot()
     ax.plot(landscape.alphas, landscape.losses, lw=2)
@@ -68,10 +68,10 @@ def plot_landscape_2d(landscape: Landscape2D, path: str | os.PathLike, *, kind: 
         be orders of magnitude above the minimum and flatten the picture.
     """
     if not isinstance(landscape, Landscape2D):
-        raise fail("landscape", "a Landscape2D from loss_landscape_2d", type(landscape).__name__)
+        raise invalid("landscape", "a Landscape2D from loss_landscape_2d", type(landscape).__name__)
     check_choice("kind", kind, ("contour", "surface"))
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise fail("levels", "an integer >= 2", levels)
+        raise invalid("levels", "an integer >= 2", levels)
     z = np.asarray(landscape.losses, dtype=np.float64)
     if clip is not None:
         z = np.minimum(z, float(clip))
@@ -102,7 +102,7 @@ def plot_spectral_density(density: SpectralDensity, path: str | os.PathLike, *,
     ``eigenvalues`` (e.g. the Lanczos top-k) are marked with vertical lines.
     """
     if not isinstance(density, SpectralDensity):
-        raise fail("density", "a SpectralDensity from slq_density", type(density).__name__)
+        raise invalid("density", "a SpectralDensity from slq_density", type(density).__name__)
     grid, dens = density.evaluate(bandwidth=bandwidth)
     fig = _figure((5.4, 3.6))
     ax = fig.add_subplot()
@@ -130,7 +130,7 @@ def plot_gap_curves(curves: Sequence[GapCurve], path: str | os.PathLike, *,
     """
     curves = list(curves)
     if not curves or not all(isinstance(c, GapCurve) for c in curves):
-        raise fail("curves", "a non-empty sequence of GapCurve", curves)
+        raise invalid("curves", "a non-empty sequence of GapCurve", curves)
     fig = _figure((5.4, 3.8))
     ax = fig.add_subplot()
     def shown(y):

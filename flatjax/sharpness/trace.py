@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from .common import (Batch, check_choice, check_key, check_nonneg_float, check_positive_int,
-                      progress)
+from ..core.validate import check_choice, check_key, check_nonnegative, check_positive_int
+from .common import Batch, progress
 from .hvp import HessianOperator, LossFn, Params, as_operator, to_numpy
 
 PROBES = ("rademacher", "gaussian")
@@ -88,8 +88,8 @@ def hutchinson_trace(
     check_choice("probe", probe, PROBES)
     min_samples = check_positive_int("min_samples", min_samples, 2)
     max_samples = check_positive_int("max_samples", max_samples, min_samples)
-    rtol = check_nonneg_float("rtol", rtol)
-    atol = check_nonneg_float("atol", atol)
+    rtol = check_nonnegative("rtol", rtol)
+    atol = check_nonnegative("atol", atol)
     block_size = check_positive_int("block_size", block_size)
     op = as_operator(loss_fn, params, batch, batches, has_aux, weighting)
 
