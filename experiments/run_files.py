@@ -61,7 +61,8 @@ class Checkpointer:
             if stored.get(path) != wanted.get(path):
                 raise ValueError(f"{path}: {stored.get(path, 'absent')} in the checkpoint, "
                                  f"{wanted.get(path, 'absent')} here")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
+        abstract = jax.tree.map(  # read into the template's layout (in a multi-process run: its global shards)
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), template)
         return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:
@@ -109,18 +110,24 @@ class MetricsWriter:
     FIELDS = ("epoch", "step", "train_loss", "test_loss", "test_acc", "epoch_seconds", "step_ms",
               "skipped_steps")
 
-    def __init__(self, run_dir: Path, config: dict, history: list[dict]) -> None:
-        self.run_dir, self.config, self.history = run_dir, config, history
-        try:
-            from tensorboardX import SummaryWriter  # optional
+    def __init__(self, run_dir: Path, config: dict, history: list[dict], write: bool = True) -> None:
+        self.run_dir, self.config, self.history, self.write = run_dir, config, history, write
+        self.tb = None
+        if write:
+            try:
+                from tensorboardX import SummaryWriter  # optional
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        except ImportError:
-            self.tb = None
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                pass
 
     def log(self, row: dict, summary: dict | None = None) -> None:
+        """Appends ``row`` (if any) to the history; writes the files unless ``write`` is off (processes > 0)."""
         if row:
             self.history.append(row)
+        if not self.write:
+            return
+        if row:
             if self.tb is not None:
                 for k, v in row.items():
                     if k not in ("epoch", "step") and v is not None:

@@ -30,6 +30,11 @@ estimators get ``axis_name="data"`` (their global, data-parallel mode). ``--prob
 builds a ``(probe P, data n/P)`` mesh: the method's independent passes run on P device groups at once via
 ``flatjax.ShardMapProbes(mesh, "probe", data_axis="data")``, each group data-parallel; the update is the
 same. What differs between methods comes from ``flatjax.registry``.
+
+Several hosts: one process per host runs the same command with ``--distributed`` (Cloud TPU, SLURM, Open
+MPI) or ``--coordinator-address HOST:PORT --num-processes N --process-id I``; the mesh spans every process's
+devices, each process reads its own rows of every batch, and process 0 writes the files
+(``experiments/distributed.py``; README "Scaling out").
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from typing import Sequence
 
 import jax
 
+from experiments import distributed
 from experiments import run_files as rf
 from experiments.configs import CONFIGS, METHODS, TrainConfig, default_config, default_sweep, get_config, with_method
 from experiments.run_files import ConfigError, NonFiniteRunError, TrainingInterrupted
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(m-sharpness with m = the local batch) instead of the global one")
     p.add_argument("--hidden", type=int, nargs="*", help="MLP hidden widths (model option)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_flags(p)
     return p
 
 
@@ -101,6 +108,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cfgs: Seque
     if args.devices > jax.device_count():
         p.error(f"--devices must be between 0 (all) and the {jax.device_count()} available devices, got "
                 f"{args.devices}")
+    if jax.process_count() > 1 and args.devices not in (0, jax.device_count()):
+        p.error(f"--devices: a run of {jax.process_count()} processes uses all {jax.device_count()} devices "
+                f"(0), got {args.devices}")
     n_dev, methods = args.devices or jax.device_count(), sorted({c.method for c in cfgs})
     if args.probe_devices > n_dev:
         p.error(f"--probe-devices must be between 1 and the {n_dev} devices used, got {args.probe_devices}")
@@ -156,16 +166,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         cfgs = resolve_configs(args)
     except KeyError as e:
         raise SystemExit(f"error: {e.args[0]}") from None
+    distributed.initialize(parser, args)
     check_args(parser, args, cfgs)
+    if jax.process_count() > 1 and not args.out:
+        parser.error("--out: a multi-process run needs the same output folder in every process (on a shared "
+                     "file system); give --out")
     out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     resume = args.resume or args.force_resume
     for cfg in cfgs:  # before any training: a second run would delete the first one's newest checkpoints
-        if not resume and rf.holds_run(out / cfg.name):
-            if not args.overwrite:
-                raise SystemExit(f"error: {out / cfg.name} already holds a run: continue it with --resume, "
-                                 "write to another --out, or replace it with --overwrite")
-            shutil.rmtree(out / cfg.name)
-    out.mkdir(parents=True, exist_ok=True)
+        if not resume and rf.holds_run(out / cfg.name) and not args.overwrite:
+            raise SystemExit(f"error: {out / cfg.name} already holds a run: continue it with --resume, "
+                             "write to another --out, or replace it with --overwrite")
+    distributed.barrier("checked the run folders")  # every process looked before process 0 deletes
+    if distributed.is_main():
+        for cfg in cfgs:
+            if not resume and rf.holds_run(out / cfg.name):
+                shutil.rmtree(out / cfg.name)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier("prepared the run folders")
     mkw = {"hidden": tuple(args.hidden)} if args.hidden is not None else None
     results = []
     for cfg in cfgs:
@@ -180,14 +198,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         except TrainingInterrupted as err:
             print(err, file=sys.stderr)
             raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C
+    procs = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     title = (f"{', '.join(sorted({c.dataset for c in cfgs}))} / {', '.join(sorted({c.model for c in cfgs}))}, "
-             f"jax {jax.__version__} on {jax.default_backend()} x{args.devices or jax.device_count()}")
-    table = rf.results_table(results, title)
-    rf.write_atomic(out / "results.md", table)
-    rows = [{k: v for k, v in r.items() if k not in ("params", "model_state")} for r in results]
-    rf.write_atomic(out / "results.json", json.dumps(rows, indent=1))
-    print(table)
-    print(f"wrote {out}/", file=sys.stderr)
+             f"jax {jax.__version__} on {jax.default_backend()} x{args.devices or jax.device_count()}{procs}")
+    if distributed.is_main():
+        table = rf.results_table(results, title)
+        rf.write_atomic(out / "results.md", table)
+        rows = [{k: v for k, v in r.items() if k not in ("params", "model_state")} for r in results]
+        rf.write_atomic(out / "results.json", json.dumps(rows, indent=1))
+        print(table)
+        print(f"wrote {out}/", file=sys.stderr)
     bad = [r for r in results if r["skipped_steps"] > MAX_SKIPPED_FRACTION * max(r["steps"], 1)]
     if bad:
         raise SystemExit("error: too many skipped (non-finite) updates: " + ", ".join(

@@ -3,6 +3,7 @@ the loop with its checkpoints, metrics, skip checks and Ctrl-C handling, and the
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,6 +14,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import flatjax
+from experiments import distributed
 from experiments import run_files as rf
 from experiments.configs import TrainConfig
 from experiments.run_files import ConfigError, NonFiniteRunError, TrainingInterrupted
@@ -20,6 +22,7 @@ from experiments.train_step import (base_optimizer, has_parallel_passes, init_st
                                     make_probe_mesh, make_train_step, second_batch_keyword)
 from flatjax import data as fdata
 from flatjax import models as fmodels
+from flatjax.data.sharding import process_rows
 
 #: Consecutive skipped (non-finite) updates after which a run stops with :class:`NonFiniteRunError`.
 MAX_CONSECUTIVE_SKIPS = 10
@@ -49,6 +52,14 @@ def load_data(cfg: TrainConfig, data_dir: str | None
     stats = "cifar100" if cfg.dataset == "cifar100" else "cifar10"
     train_tf, eval_tf = fdata.cifar_transforms(cfg.augment, stats=stats)
     return train, test, train_tf, eval_tf
+
+
+def mesh_layout(mesh: jax.sharding.Mesh) -> str:
+    """Which processes hold each row of the mesh's first axis, e.g. ``probe 0: processes [0]; probe 1: ...``."""
+    axis = mesh.axis_names[0]
+    groups = [sorted({d.process_index for d in np.asarray(row).flat}) for row in mesh.devices]
+    return (f"mesh {dict(mesh.shape)} over {jax.process_count()} processes; "
+            + "; ".join(f"{axis} {i}: processes {g}" for i, g in enumerate(groups)))
 
 
 def batches(it: fdata.BatchIterator, epoch: int, start: int, per_update: int,
@@ -108,6 +119,7 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     else:
         from tqdm import tqdm  # no import-time warning in kernels without ipywidgets
 
+    progress = progress and distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
     train, test, train_tf, eval_tf = data if data is not None else load_data(cfg, data_dir)
     mkw = {**cfg.model_kwargs, **(model_kwargs or {})}
@@ -138,10 +150,15 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     if cfg.batch_size * per_update > n_train:  # no full update per epoch
         raise ConfigError(f"--batch-size {cfg.batch_size} is too large: {cfg.method} takes {per_update} batch(es) "
                           f"per update from {n_train} training examples; accepted range 1..{n_train // per_update}")
-    it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2)
+    placed = mesh if mesh is not None else probe_mesh
+    if placed is not None and jax.process_count() > 1 and distributed.is_main():
+        print(f"{cfg.name}: {mesh_layout(placed)}", file=sys.stderr)
+    # each process reads only the rows of every global batch that its devices hold
+    rows = process_rows(placed, cfg.batch_size) if placed is not None else None
+    it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2, rows=rows)
     # a second stream (validation batches): the training set in an independent order (seed, epoch, step)
-    second_it = (fdata.BatchIterator(train, cfg.batch_size, seed=seed + 1, transform=train_tf, prefetch=2)
-                 if keyword is not None and not cfg.two_batches else None)
+    second_it = (fdata.BatchIterator(train, cfg.batch_size, seed=seed + 1, transform=train_tf, prefetch=2,
+                                     rows=rows) if keyword is not None and not cfg.two_batches else None)
     steps_per_epoch = len(it) // per_update
     total_steps = cfg.epochs * steps_per_epoch
     per_device = per_device and mesh is not None
@@ -151,7 +168,10 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     # eval batches of the training size: memory-safe everywhere, and on CPU small batches are faster
     evaluate = make_eval(fmodels.make_apply(graphdef), eval_tf, batch_size=cfg.batch_size)
 
-    state = {**init_state(est, tx, params, model_state), "step": np.int64(0)}
+    state = init_state(est, tx, params, model_state)
+    if placed is not None:  # replicated up front: the first step's outputs match its inputs (one compile), and
+        state = jax.device_put(state, jax.sharding.NamedSharding(placed, P()))  # a restore reads into this layout
+    state["step"] = np.int64(0)
     cfg_dict = {**vars(cfg), "model_kwargs": mkw, "seed": seed, "devices": n_dev, "probe_devices": probe_devices,
                 "per_device": per_device, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "max_steps": max_steps}
@@ -160,19 +180,18 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
         if resume and ckpt.latest_step() is not None:
             state, doc = rf.restore_run(ckpt, run_dir, state, cfg_dict, force_resume)
         step = start = int(state.pop("step"))
-        writer = rf.MetricsWriter(run_dir, cfg_dict, rf.load_history(run_dir, doc, start) if start else [])
+        writer = rf.MetricsWriter(run_dir, cfg_dict, rf.load_history(run_dir, doc, start) if start else [],
+                                  write=distributed.is_main())
         writer.log({})  # the config is on disk from the start: --resume compares against it
         end = total_steps if max_steps is None else min(max_steps, total_steps)
-        dropout_base, placed = jax.random.key(seed + 1), mesh if mesh is not None else probe_mesh
+        dropout_base = jax.random.key(seed + 1)
 
         def put(b):
-            return b if b is None or placed is None else fdata.shard_batch(b, placed)
+            return b if b is None or placed is None else fdata.shard_batch(b, placed, global_size=cfg.batch_size)
 
         def save():
             ckpt.save(step, {**state, "step": np.int64(step)})
 
-        if placed is not None:  # replicate the state up front, so the first step's outputs match its inputs
-            state = jax.device_put(state, jax.sharding.NamedSharding(placed, P()))
         compile_s, step_times, last_loss, epoch = 0.0, [], float("nan"), start // steps_per_epoch
         with (tqdm(total=end, initial=start, desc=cfg.name, disable=not progress, leave=False,
                    dynamic_ncols=True) as bar, rf.StopOnSigint() as stop):
@@ -180,6 +199,9 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                 t_epoch, losses = time.perf_counter(), []
                 for b0, b1 in batches(it, epoch, step - epoch * steps_per_epoch, per_update, second_it):
                     if step >= end or stop.requested:
+                        break
+                    if jax.process_count() > 1 and distributed.any_process(stop.requested):
+                        stop.requested = True  # Ctrl-C on any process: all stop after the same update
                         break
                     t0 = time.perf_counter()
                     state, loss = step_fn(state, put(b0), put(b1), jax.random.fold_in(dropout_base, step))
@@ -221,9 +243,10 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     finally:
         ckpt.close()
     params, model_state = state["params"], state["model_state"]
-    rf.save_params_msgpack(params, run_dir / "params.msgpack")
-    if (dense := rf.mlp_params_as_dense(params)) is not None:
-        rf.save_params_msgpack(dense, run_dir / "params_dense.msgpack")
+    if distributed.is_main():
+        rf.save_params_msgpack(params, run_dir / "params.msgpack")
+        if (dense := rf.mlp_params_as_dense(params)) is not None:
+            rf.save_params_msgpack(dense, run_dir / "params_dense.msgpack")
     hist = writer.history
     test_loss, test_acc = ((hist[-1]["test_loss"], hist[-1]["test_acc"]) if hist and hist[-1]["step"] == step
                            else evaluate(params, model_state, test))

@@ -4,6 +4,12 @@ Every random choice is a function of ``(seed, epoch, step)``: the shuffle of epo
 ``e`` uses ``default_rng([seed, e])`` and the augmentation of batch ``s`` uses
 ``default_rng([seed, e, s, 1])``. So a run resumed at ``(epoch, step)`` sees exactly
 the batches an uninterrupted run would, and prefetching threads cannot change results.
+
+Multi-process runs: ``rows=(start, stop)`` makes each process gather (and augment) only its own rows of
+every global batch (:func:`flatjax.data.sharding.process_rows`). The example order is the same in every
+process; a process holding part of the batch augments its rows with ``default_rng([seed, e, s, 1, start])``,
+so with augmentation the random crops and flips depend on how the batch is split over processes (without
+augmentation, the batches equal a single process's exactly).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class BatchIterator:
         seed: int = 0,
         transform: Transform | None = None,
         prefetch: int = 0,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         """Sets up the iterator.
 
@@ -54,10 +61,12 @@ class BatchIterator:
           transform: ``transform(batch, rng) -> batch`` applied to every batch, e.g. an
             :class:`~flatjax.data.augment.ImageTransform`.
           prefetch: batches prepared ahead in a background thread (0: none).
+          rows: ``(start, stop)``: yield only these rows of every batch (this process's
+            share of a global batch, see the module docstring); default all.
 
         Raises:
           ValueError: for an empty dataset, arrays of different lengths, or a bad
-            ``batch_size``, ``seed`` or ``prefetch``.
+            ``batch_size``, ``seed``, ``prefetch`` or ``rows``.
         """
         arrays = data.as_dict() if isinstance(data, ArrayDataset) else dict(data)
         lengths = {k: len(v) for k, v in arrays.items()}
@@ -77,6 +86,10 @@ class BatchIterator:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if rows is not None and not (drop_last and 0 <= rows[0] < rows[1] <= batch_size):
+            raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= batch_size={batch_size} (and "
+                             f"drop_last=True: every global batch full), got {rows!r}")
+        self.rows = None if rows is None or tuple(rows) == (0, batch_size) else tuple(rows)
         self._arrays = arrays
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -105,9 +118,12 @@ class BatchIterator:
         order = self.order(epoch)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            stream = [self.seed, epoch, step, 1]
+            if self.rows is not None:
+                idx, stream = idx[self.rows[0]:self.rows[1]], stream + [self.rows[0]]
             batch = {k: v[idx] for k, v in self._arrays.items()}
             if self.transform is not None:
-                batch = self.transform(batch, np.random.default_rng([self.seed, epoch, step, 1]))
+                batch = self.transform(batch, np.random.default_rng(stream))
             yield batch
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[Batch]:
