@@ -35,35 +35,57 @@ class Checkpointer:
 
     Optax and estimator states are NamedTuples; orbax stores their leaves and ``restore`` rebuilds the exact tree
     from a freshly initialised template (``StandardRestore(abstract_state)``), so resuming gives the
-    same arrays, dtypes and structure as an uninterrupted run.
+    same arrays, dtypes and structure as an uninterrupted run. ``streams``: Grain iterators (the streaming
+    pipeline's) whose positions are saved in the same checkpoint (items ``"state"`` and one per stream) and
+    set back by ``restore``.
     """
 
-    def __init__(self, directory: Path, max_to_keep: int = 2) -> None:
+    def __init__(self, directory: Path, max_to_keep: int = 2, streams: dict[str, Any] | None = None) -> None:
         import orbax.checkpoint as ocp
 
-        self._ocp = ocp
-        self.manager = ocp.CheckpointManager(  # the handler named up front: item_metadata before any restore
-            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_handlers=ocp.StandardCheckpointHandler())
+        self._ocp, self.streams = ocp, dict(streams or {})
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        if self.streams:
+            import grain
+
+            self._grain = grain
+            handlers = {"state": ocp.StandardCheckpointHandler(),
+                        **{name: grain.checkpoint.CheckpointHandler() for name in self.streams}}
+        else:  # one unnamed item (the layout of every checkpoint written before streams existed)
+            handlers = ocp.StandardCheckpointHandler()
+        # the handlers named up front: item_metadata before any restore
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict) -> None:
-        self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
+        args = self._ocp.args.StandardSave(state)
+        if self.streams:
+            args = self._ocp.args.Composite(state=args, **{n: self._grain.checkpoint.CheckpointSave(it)
+                                                           for n, it in self.streams.items()})
+        self.manager.save(step, args=args, force=True)
 
     def restore(self, template: dict, step: int | None = None) -> dict:
         """Raises ValueError naming the first array missing or shaped otherwise in the checkpoint: checked on
         its metadata first, since a read that fails inside orbax leaves asyncio tracebacks on stderr."""
         step = self.latest_step() if step is None else step
-        stored, wanted = leaf_shapes(self.manager.item_metadata(step)), leaf_shapes(template)
+        metadata = self.manager.item_metadata(step)
+        if self.streams:
+            metadata = metadata["state"]
+        stored, wanted = leaf_shapes(metadata), leaf_shapes(template)
         for path in sorted(stored.keys() | wanted.keys(), key=lambda p: (not p.startswith("params"), p)):
             if stored.get(path) != wanted.get(path):
                 raise ValueError(f"{path}: {stored.get(path, 'absent')} in the checkpoint, "
                                  f"{wanted.get(path, 'absent')} here")
         abstract = jax.tree.map(  # read into the template's layout (in a multi-process run: its global shards)
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), template)
-        return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        if not self.streams:
+            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        restored = self.manager.restore(step, args=self._ocp.args.Composite(
+            state=self._ocp.args.StandardRestore(abstract),
+            **{n: self._grain.checkpoint.CheckpointRestore(it) for n, it in self.streams.items()}))
+        return restored["state"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

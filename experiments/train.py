@@ -54,6 +54,7 @@ from experiments import distributed
 from experiments import run_files as rf
 from experiments.configs import CONFIGS, METHODS, TrainConfig, default_config, default_sweep, get_config, with_method
 from experiments.run_files import ConfigError, NonFiniteRunError, TrainingInterrupted
+from experiments.train_data import PIPELINES
 from experiments.train_loop import MAX_SKIPPED_FRACTION, train_one
 from experiments.train_step import has_parallel_passes, make_probe_mesh, per_device_methods
 from flatjax import data as fdata
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (flatjax.models.available())")
     p.add_argument("--dataset", choices=("digits", "cifar10-folder", "cifar10", "cifar100"))
     p.add_argument("--data-dir", help=f"CIFAR-10 image folder (or ${fdata.CIFAR10_ENV_VAR}) / TFDS data dir")
+    p.add_argument("--pipeline", choices=PIPELINES, default="memory",
+                   help="memory: decode the split into memory (fast for CIFAR); streaming: read the image folder "
+                        "lazily with Grain worker processes, its position saved in the checkpoints (large data)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes of --pipeline streaming")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -100,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cfgs: Sequence[TrainConfig]) -> None:
     """``p.error`` for flag values that would crash later or quietly train something else, before any work."""
     for name, low in (("epochs", 1), ("batch_size", 1), ("steps", 1), ("seed", 0), ("eval_every", 1),
-                      ("ckpt_every", 0), ("devices", 0), ("probe_devices", 1)):
+                      ("ckpt_every", 0), ("devices", 0), ("probe_devices", 1), ("workers", 0)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}")
     if args.lr is not None and args.lr <= 0:  # NaN passes: the non-finite guard stops it (test_d2)
@@ -130,6 +135,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cfgs: Seque
         if {c.model for c in cfgs} - {"mlp"}:
             p.error(f"--hidden sets the widths of the mlp model only; the model is "
                     f"{', '.join(sorted({c.model for c in cfgs}))} (drop --hidden or use --model mlp)")
+    if args.pipeline == "streaming" and {c.dataset for c in cfgs} != {"cifar10-folder"}:
+        p.error(f"--pipeline streaming reads an image folder: it needs --dataset cifar10-folder, got "
+                f"{', '.join(sorted({c.dataset for c in cfgs}))}")
     if args.overwrite and (args.resume or args.force_resume):
         p.error("--overwrite replaces the stored runs; --resume continues them: give one")
 
@@ -192,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                      resume=resume, ckpt_every=args.ckpt_every, devices=args.devices,
                                      data_dir=args.data_dir, progress=not args.no_progress, model_kwargs=mkw,
                                      per_device=args.per_device, eval_every=args.eval_every,
-                                     probe_devices=args.probe_devices, force_resume=args.force_resume))
+                                     probe_devices=args.probe_devices, force_resume=args.force_resume,
+                                     pipeline=args.pipeline, workers=args.workers))
         except (NonFiniteRunError, ConfigError) as err:
             raise SystemExit(f"error: {err}") from None
         except TrainingInterrupted as err:

@@ -18,6 +18,7 @@ from experiments import distributed
 from experiments import run_files as rf
 from experiments.configs import TrainConfig
 from experiments.run_files import ConfigError, NonFiniteRunError, TrainingInterrupted
+from experiments.train_data import PIPELINES, StreamingSplit, batches, load_data
 from experiments.train_step import (base_optimizer, has_parallel_passes, init_state, make_estimator, make_eval,
                                     make_probe_mesh, make_train_step, second_batch_keyword)
 from flatjax import data as fdata
@@ -30,30 +31,6 @@ MAX_CONSECUTIVE_SKIPS = 10
 MAX_SKIPPED_FRACTION = 0.05
 
 
-def load_data(cfg: TrainConfig, data_dir: str | None
-              ) -> tuple[fdata.ArrayDataset, fdata.ArrayDataset, Callable | None, Callable | None]:
-    """Loads ``(train, test, train_transform, eval_transform)`` for ``cfg.dataset``.
-
-    Raises:
-      DatasetNotFoundError: when a CIFAR folder / TFDS dataset is missing (with instructions).
-      ValueError: for an unknown dataset name.
-    """
-    if cfg.dataset == "digits":
-        train, test = fdata.load_digits(seed=0)
-        return train, test, None, None
-    if cfg.dataset == "cifar10-folder":
-        train = fdata.load_cifar10_folder(data_dir, "train")
-        test = fdata.load_cifar10_folder(data_dir, "test")
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        train = fdata.load_tfds(cfg.dataset, "train", data_dir=data_dir)
-        test = fdata.load_tfds(cfg.dataset, "test", data_dir=data_dir)
-    else:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose digits, cifar10-folder, cifar10, cifar100")
-    stats = "cifar100" if cfg.dataset == "cifar100" else "cifar10"
-    train_tf, eval_tf = fdata.cifar_transforms(cfg.augment, stats=stats)
-    return train, test, train_tf, eval_tf
-
-
 def mesh_layout(mesh: jax.sharding.Mesh) -> str:
     """Which processes hold each row of the mesh's first axis, e.g. ``probe 0: processes [0]; probe 1: ...``."""
     axis = mesh.axis_names[0]
@@ -62,26 +39,11 @@ def mesh_layout(mesh: jax.sharding.Mesh) -> str:
             + "; ".join(f"{axis} {i}: processes {g}" for i, g in enumerate(groups)))
 
 
-def batches(it: fdata.BatchIterator, epoch: int, start: int, per_update: int,
-            second: fdata.BatchIterator | None = None) -> Iterator[tuple]:
-    """Yields ``(batch, second batch)`` for the updates of ``epoch`` from update index ``start``: the
-    second batch is the next one of ``it`` (two batches per update), of the ``second`` stream, or None."""
-    gen = it.epoch(epoch, start_step=start * per_update)
-    gen2 = second.epoch(epoch, start_step=start) if second is not None else None
-    while True:
-        try:
-            b0 = next(gen)
-            b1 = next(gen) if per_update == 2 else (next(gen2) if gen2 is not None else None)
-        except StopIteration:
-            return
-        yield b0, b1
-
-
 def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int | None = None,
               resume: bool = False, ckpt_every: int = 0, devices: int = 0, data_dir: str | None = None,
               progress: bool = True, model_kwargs: dict | None = None, per_device: bool = False,
               data: tuple | None = None, eval_every: int = 1, probe_devices: int = 1,
-              force_resume: bool = False) -> dict:
+              force_resume: bool = False, pipeline: str = "memory", workers: int = 2) -> dict:
     """Trains ``cfg`` and returns its summary (final train loss, test accuracy, timings, skipped updates; with
     the final ``params`` and ``model_state``).
 
@@ -106,6 +68,9 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
         passes in parallel, each group data-parallel inside: a ``(probe, data)`` mesh and
         ``flatjax.ShardMapProbes(mesh, "probe", data_axis="data")``. 1 (default): plain data parallelism.
       force_resume: resume even though the configuration differs from the stored one.
+      pipeline: ``"memory"`` (the split decoded in memory) or ``"streaming"`` (an image folder read lazily by
+        Grain, its position saved in the checkpoints; ``experiments/train_data.py``).
+      workers: decoding worker processes of the streaming pipeline.
 
     Raises:
       ConfigError: a configuration that cannot run, or cannot continue the stored run.
@@ -121,15 +86,11 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
 
     progress = progress and distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
-    train, test, train_tf, eval_tf = data if data is not None else load_data(cfg, data_dir)
-    mkw = {**cfg.model_kwargs, **(model_kwargs or {})}
-    if cfg.model == "mlp":
-        mkw.setdefault("in_features", int(np.prod(train.image.shape[1:])))
-    elif cfg.dataset == "digits":
-        mkw.setdefault("in_channels", 1)
-    graphdef, params, model_state = fmodels.split_model(fmodels.create(cfg.model, len(train.class_names),
-                                                                       seed=seed, **mkw))
-    loss_fn = fmodels.make_loss_fn(graphdef, label_smoothing=cfg.label_smoothing)
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"--pipeline must be one of {PIPELINES}, got {pipeline!r}")
+    if pipeline == "streaming" and (data is not None or cfg.dataset != "cifar10-folder"):
+        raise ConfigError(f"--pipeline streaming reads an image folder (--dataset cifar10-folder), not "
+                          f"{cfg.dataset}; use --pipeline memory")
     n_dev = devices or jax.device_count()
     mesh, probe_mesh, strategy = None, None, "auto"
     if probe_devices > 1:
@@ -145,20 +106,39 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     if cfg.batch_size % (n_dev // probe_devices):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {n_dev // probe_devices} "
                           "data-parallel devices")
-    keyword = second_batch_keyword(cfg)
-    per_update, n_train = 2 if cfg.two_batches else 1, len(train.label)
-    if cfg.batch_size * per_update > n_train:  # no full update per epoch
-        raise ConfigError(f"--batch-size {cfg.batch_size} is too large: {cfg.method} takes {per_update} batch(es) "
-                          f"per update from {n_train} training examples; accepted range 1..{n_train // per_update}")
     placed = mesh if mesh is not None else probe_mesh
     if placed is not None and jax.process_count() > 1 and distributed.is_main():
         print(f"{cfg.name}: {mesh_layout(placed)}", file=sys.stderr)
     # each process reads only the rows of every global batch that its devices hold
     rows = process_rows(placed, cfg.batch_size) if placed is not None else None
-    it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2, rows=rows)
-    # a second stream (validation batches): the training set in an independent order (seed, epoch, step)
-    second_it = (fdata.BatchIterator(train, cfg.batch_size, seed=seed + 1, transform=train_tf, prefetch=2,
-                                     rows=rows) if keyword is not None and not cfg.two_batches else None)
+    keyword = second_batch_keyword(cfg)
+    per_update, validation_stream = 2 if cfg.two_batches else 1, keyword is not None and not cfg.two_batches
+    if pipeline == "streaming":
+        folder, rows = str(fdata.resolve_cifar10_dir(data_dir)), rows or (0, cfg.batch_size)
+        it = StreamingSplit(cfg, folder, rows=rows, seed=seed, worker_count=workers)
+        # a second stream (validation batches): the training set in an independent order and augmentation
+        second_it = StreamingSplit(cfg, folder, rows=rows, seed=seed + 1, worker_count=workers) \
+            if validation_stream else None
+        num_classes, image_shape = len(it.class_names), (32, 32, 3)
+        test, eval_tf = (lambda: it.test_batches(cfg.batch_size)), None
+    else:
+        train, test, train_tf, eval_tf = data if data is not None else load_data(cfg, data_dir)
+        num_classes, image_shape, n_train = len(train.class_names), train.image.shape[1:], len(train.label)
+        if cfg.batch_size * per_update > n_train:  # no full update per epoch
+            raise ConfigError(f"--batch-size {cfg.batch_size} is too large: {cfg.method} takes {per_update} "
+                              f"batch(es) per update from {n_train} training examples; accepted range "
+                              f"1..{n_train // per_update}")
+        it = fdata.BatchIterator(train, cfg.batch_size, seed=seed, transform=train_tf, prefetch=2, rows=rows)
+        # a second stream (validation batches): the training set in an independent order (seed, epoch, step)
+        second_it = (fdata.BatchIterator(train, cfg.batch_size, seed=seed + 1, transform=train_tf, prefetch=2,
+                                         rows=rows) if validation_stream else None)
+    mkw = {**cfg.model_kwargs, **(model_kwargs or {})}
+    if cfg.model == "mlp":
+        mkw.setdefault("in_features", int(np.prod(image_shape)))
+    elif cfg.dataset == "digits":
+        mkw.setdefault("in_channels", 1)
+    graphdef, params, model_state = fmodels.split_model(fmodels.create(cfg.model, num_classes, seed=seed, **mkw))
+    loss_fn = fmodels.make_loss_fn(graphdef, label_smoothing=cfg.label_smoothing)
     steps_per_epoch = len(it) // per_update
     total_steps = cfg.epochs * steps_per_epoch
     per_device = per_device and mesh is not None
@@ -174,8 +154,11 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     state["step"] = np.int64(0)
     cfg_dict = {**vars(cfg), "model_kwargs": mkw, "seed": seed, "devices": n_dev, "probe_devices": probe_devices,
                 "per_device": per_device, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "max_steps": max_steps}
-    ckpt, doc = rf.Checkpointer(run_dir / "ckpt"), None
+                "max_steps": max_steps, "pipeline": pipeline}
+    streams = {}  # a streaming pipeline's position is part of the run's state
+    if pipeline == "streaming":
+        streams = {"data": it.iterator, **({"validation_data": second_it.iterator} if second_it else {})}
+    ckpt, doc = rf.Checkpointer(run_dir / "ckpt", streams=streams), None
     try:  # closed on every exit: an open manager buries the error under asyncio tracebacks at shutdown
         if resume and ckpt.latest_step() is not None:
             state, doc = rf.restore_run(ckpt, run_dir, state, cfg_dict, force_resume)
@@ -197,12 +180,15 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                    dynamic_ncols=True) as bar, rf.StopOnSigint() as stop):
             while step < end and not stop.requested:
                 t_epoch, losses = time.perf_counter(), []
-                for b0, b1 in batches(it, epoch, step - epoch * steps_per_epoch, per_update, second_it):
-                    if step >= end or stop.requested:
-                        break
+                epoch_batches = batches(it, epoch, step - epoch * steps_per_epoch, per_update, second_it)
+                # decide to stop BEFORE taking the next batch: a streaming pipeline's saved position is exact
+                while step < end and not stop.requested:
                     if jax.process_count() > 1 and distributed.any_process(stop.requested):
                         stop.requested = True  # Ctrl-C on any process: all stop after the same update
                         break
+                    if (b0_b1 := next(epoch_batches, None)) is None:
+                        break
+                    b0, b1 = b0_b1
                     t0 = time.perf_counter()
                     state, loss = step_fn(state, put(b0), put(b1), jax.random.fold_in(dropout_base, step))
                     last_loss = float(loss)  # waits for the step

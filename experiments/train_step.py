@@ -171,7 +171,9 @@ def make_train_step(cfg: TrainConfig, est: Any, tx: optax.GradientTransformation
 
 
 def make_eval(apply: Callable, eval_tf: Callable | None, batch_size: int = 1000) -> Callable:
-    """Returns ``evaluate(params, model_state, dataset) -> (loss, accuracy)`` in eval mode."""
+    """Returns ``evaluate(params, model_state, dataset) -> (loss, accuracy)`` in eval mode; ``dataset`` is an
+    in-memory split (evaluated in slices of ``batch_size`` through ``eval_tf``) or a function returning an
+    iterator of ready batches (the streaming pipeline's test split)."""
 
     @jax.jit
     def run(params, model_state, images, labels):
@@ -179,15 +181,16 @@ def make_eval(apply: Callable, eval_tf: Callable | None, batch_size: int = 1000)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
         return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
 
-    def evaluate(params, model_state, dataset) -> tuple[float, float]:
-        total_loss, correct, n = 0.0, 0, len(dataset.label)
-        for i in range(0, n, batch_size):
+    def in_memory(dataset):
+        for i in range(0, len(dataset.label), batch_size):
             batch = {"image": dataset.image[i:i + batch_size], "label": dataset.label[i:i + batch_size]}
-            if eval_tf is not None:
-                batch = eval_tf(batch, np.random.default_rng(0))
-            loss, ok = run(params, model_state, batch["image"], batch["label"])
-            total_loss += float(loss)
-            correct += int(ok)
+            yield batch if eval_tf is None else eval_tf(batch, np.random.default_rng(0))
+
+    def evaluate(params, model_state, dataset) -> tuple[float, float]:
+        total_loss, correct, n = 0.0, 0, 0
+        for batch in (dataset() if callable(dataset) else in_memory(dataset)):
+            loss, ok = run(params, model_state, np.asarray(batch["image"]), np.asarray(batch["label"]))
+            total_loss, correct, n = total_loss + float(loss), correct + int(ok), n + len(batch["label"])
         return total_loss / n, correct / n
 
     return evaluate
