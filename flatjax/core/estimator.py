@@ -132,7 +132,9 @@ class StepContext:
     def probes(self, *, points: Sequence[PyTree] | None = None, batches: Sequence[PyTree] | None = None,
                params: PyTree = None, batch: PyTree = None, reduce: bool = True) -> Probes:
         """Evaluate at several INDEPENDENT points: give ``points`` (one per probe) or one shared
-        ``params``, and ``batches`` (one per probe) or one shared ``batch``.
+        ``params``, and ``batches`` (one per probe) or one shared ``batch``. A point of the form
+        ``w + s·Δ`` may be given as ``flatjax.core.evaluate.Shifted(w, Δ, s)``: the "sequential" strategy then
+        builds it only when its pass starts, so the shifted copies of the weights are not all alive at once.
 
         Returns :class:`~flatjax.core.evaluate.Probes` ``(losses, aux, grads)`` stacked along a leading
         probe axis (take one with :func:`flatjax.core.tree.index`). The estimator's ``strategy`` decides

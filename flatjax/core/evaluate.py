@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from flatjax.core.tree import PyTree, stack, up
+from flatjax.core.tree import PyTree, add_scaled, stack, up
 
 STRATEGIES = ("sequential", "vmap")
 
@@ -156,6 +156,43 @@ def invariant(x: jax.Array, axis: str) -> jax.Array:
     return jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else jax.lax.pmax(x, axis)
 
 
+class Shifted(NamedTuple):
+    """The probe point ``base + scale * delta`` (e.g. ``w - U``), built where the strategy needs it.
+
+    Under "sequential" it is built only once the previous pass's gradient exists (``delta`` is tied to it
+    inside the same elementwise op), so at most one shifted copy of the weights is alive at a time; a point
+    handed in ready-made would be computed as early as XLA likes and held through the earlier passes.
+    """
+
+    base: PyTree
+    delta: PyTree
+    scale: Any = 1.0
+
+    def value(self) -> PyTree:
+        return add_scaled(self.base, self.delta, self.scale)
+
+
+def _zero_after(grads: PyTree) -> jax.Array:
+    """A float32 0 that XLA can compute only once every leaf of ``grads`` is (0 times one element of each)."""
+    # the LAST element: of stacked probe gradients that is the last probe's (slicing the first would let
+    # XLA's simplifier reduce the dependency to the first probe)
+    return 0.0 * sum(jnp.ravel(g)[-1].astype(jnp.float32) for g in jax.tree.leaves(grads))
+
+
+def _tie(tree: PyTree, zero: jax.Array) -> PyTree:
+    """``tree`` unchanged in value, its floating leaves made to depend on ``zero``."""
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype) if _floating(x) else x, tree)
+
+
+def _floating(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def point_value(point: PyTree) -> PyTree:
+    """A probe point as a pytree (:class:`Shifted` built now)."""
+    return point.value() if isinstance(point, Shifted) else point
+
+
 def after(params: PyTree, batch: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
     """``(params, batch)`` unchanged in value, but computed only once every leaf of ``grads`` is.
 
@@ -167,19 +204,12 @@ def after(params: PyTree, batch: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]
     previous backward pass. A non-finite gradient makes the next pass non-finite too: the step is
     non-finite either way.
     """
-    # the LAST element: of stacked probe gradients that is the last probe's (slicing the first would let
-    # XLA's simplifier reduce the dependency to the first probe)
-    zero = 0.0 * sum(jnp.ravel(g)[-1].astype(jnp.float32) for g in jax.tree.leaves(grads))
-
-    def floating(x):
-        return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-
-    def tie(tree):
-        return jax.tree.map(lambda x: x + zero.astype(x.dtype) if floating(x) else x, tree)
-
-    if any(floating(x) for x in jax.tree.leaves(batch)):
-        return params, tie(batch)  # measured on ResNet-18: tying the parameters holds one more copy of them
-    return tie(params), batch
+    zero = _zero_after(grads)
+    if isinstance(params, Shifted):  # built after the previous pass: one shifted copy at a time
+        return Shifted(params.base, _tie(params.delta, zero), params.scale).value(), _tie(batch, zero)
+    if any(_floating(x) for x in jax.tree.leaves(batch)):
+        return params, _tie(batch, zero)  # measured on ResNet-18: tying the parameters holds one more copy of them
+    return _tie(params, zero), batch
 
 
 def _is_explicit(mesh: Mesh) -> bool:
@@ -273,12 +303,12 @@ class Evaluator:
                 p, b = point_at(i), batch_at(i)
                 if results:
                     p, b = after(p, b, results[-1][2])
-                results.append(self.value_and_grad(p, b, reduce=reduce))
+                results.append(self.value_and_grad(point_value(p), b, reduce=reduce))
             losses, aux, grads = zip(*results)
             return Probes(jnp.stack(losses), stack(aux), stack(grads))
 
         shared_params, shared_batch = points is None, batches is None
-        p_in = params if shared_params else stack(points)
+        p_in = params if shared_params else stack([point_value(p) for p in points])
         b_in = batch if shared_batch else stack(batches)
         axes = (None if shared_params else 0, None if shared_batch else 0)
 

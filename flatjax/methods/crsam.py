@@ -28,9 +28,9 @@ import jax.numpy as jnp
 
 from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
-from flatjax.core.evaluate import Strategy
+from flatjax.core.evaluate import Shifted, Strategy
 from flatjax.core.schedule import ScalarOrSchedule
-from flatjax.core.tree import PyTree, add_scaled, global_norm, index, up
+from flatjax.core.tree import PyTree, global_norm, index, up
 from flatjax.core.validate import check_choice, check_number, guarded
 
 FORMS = ("code", "log")
@@ -121,7 +121,7 @@ def crsam(
         else:
             loss0, aux0, g = ctx.value_and_grad(ctx.params, ctx.batch)
         e = perturb.normalized_ascent(g, r)  # ρ v
-        out = ctx.probes(points=[add_scaled(ctx.params, e), add_scaled(ctx.params, e, -1.0)], batch=ctx.batch)
+        out = ctx.probes(points=[Shifted(ctx.params, e), Shifted(ctx.params, e, -1.0)], batch=ctx.batch)
         (lp, lm), gp, gm = out.losses, index(out.grads, 0), index(out.grads, 1)
         c, s = lp + lm - 2.0 * loss0, lp - lm
         if form == "code":

@@ -82,10 +82,11 @@ def _rwp_estimator(
             if ctx.clean_grad is not None:
                 loss0, aux0, g0 = jnp.asarray(NAN, ctx.dtype), None, ctx.clean_grad
                 loss1, _, g1 = ctx.value_and_grad(perturbed, ctx.perturbed_batch)
-            else:  # the two passes are independent: evaluated together by the strategy
-                out = ctx.probes(points=[ctx.params, perturbed], batches=[ctx.batch, ctx.perturbed_batch])
-                (loss0, loss1), aux0 = out.losses, index(out.aux, 0)
-                g0, g1 = index(out.grads, 0), index(out.grads, 1)
+            else:  # the two passes are independent: evaluated together by the strategy, the perturbed one
+                # first (run one after another, its point is then dead before the clean gradient exists)
+                out = ctx.probes(points=[perturbed, ctx.params], batches=[ctx.perturbed_batch, ctx.batch])
+                (loss1, loss0), aux0 = out.losses, index(out.aux, 1)
+                g1, g0 = index(out.grads, 0), index(out.grads, 1)
             d = jax.tree.map(
                 lambda a, b: ((1.0 - lam_t) * up(a) + lam_t * up(b)).astype(a.dtype),
                 g0,
