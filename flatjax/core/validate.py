@@ -9,7 +9,6 @@ were checked concretely when the same factory ran inside ``init``.
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Any, Callable
 
 import chex
