@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-
 from experiments.configs import TrainConfig
 from flatjax import data as fdata
 
