@@ -11,6 +11,11 @@ m-ARWP, NSO (k = 1, 2, 4) and CR-SAM run with each probe strategy, the device on
 (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set here before JAX is imported). The estimator
 form (``flatjax.estimators``) of SAM, RWP, m-ARWP, NSO and CR-SAM runs in a plain loop beside its Optax
 form; their ratio (time and compiled FLOPs) is reported.
+
+Compile time (``--compile-only`` runs just this part): every method's step of the training CLI
+(``experiments.bench_cost.method_step``: Flax NNX ResNet-18 and the small net ResNet-8, CIFAR shape,
+batch 64, BatchNorm statistics as aux) traced, lowered and compiled afresh, in interleaved rounds; the
+median seconds and the ratio to SGD's and to SAM's.
 """
 
 from __future__ import annotations
@@ -176,6 +181,38 @@ def time_interleaved(runners: dict, rounds: int, steps_per_round: int, *step_arg
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+#: The methods whose compile time is measured (registry names; None is SGD).
+COMPILE_METHODS = (None, "sam", "asam", "rwp", "arwp", "mrwp", "marwp", "wpsgd", "nso", "crsam", "gsam", "lets")
+
+
+def compile_times(model_name: str, rounds: int) -> dict:
+    """Median seconds to trace + lower + compile each method's step, timed in interleaved rounds."""
+    from experiments import bench_cost  # imports this module: loaded here, not at import time
+
+    problem = bench_cost.make_problem(model_name)
+    times = {m or "sgd": [] for m in COMPILE_METHODS}
+    for _ in range(rounds):
+        for m in COMPILE_METHODS:
+            times[m or "sgd"].append(bench_cost.compile_seconds(problem, m))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compile_table(rounds: int) -> list[str]:
+    measured = {m: compile_times(m, rounds) for m in ("cnn", "resnet18")}
+    lines = ["## Compile time", "",
+             f"Trace + lower + compile of each method's step, afresh ({rounds} interleaved rounds, median); "
+             "cnn = ResNet-8, resnet18 = ResNet-18, CIFAR shape, batch 64, one CPU device.", "",
+             "| method | cnn s | cnn / SGD | cnn / SAM | resnet18 s | resnet18 / SGD | resnet18 / SAM |",
+             "|---|---|---|---|---|---|---|"]
+    for name in measured["cnn"]:
+        cells = []
+        for m in ("cnn", "resnet18"):
+            t = measured[m]
+            cells += [f"{t[name]:.1f}", f"{t[name] / t['sgd']:.2f}", f"{t[name] / t['sam']:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def machine_description() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -201,10 +238,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round instead of 3")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only the compile-time table (printed; the results file is left as it is)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_step.md"))
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
+    if args.compile_only:
+        print("\n".join(compile_table(rounds)))
+        return
     measured = {m: bench_model(m, rounds, 10 if m == "mlp" else 4) for m in ("mlp", "cnn")}
     results = {m: r[0] for m, r in measured.items()}
     flops = {m: r[1] for m, r in measured.items()}
@@ -235,6 +277,7 @@ def main(argv=None):
                 cells += [f"{results[k][name] / results[k][optax_name]:.2f}",
                           f"{flops[k][name] / flops[k][optax_name]:.3f}"]
             lines.append(f"| {optax_name} | " + " | ".join(cells) + " |")
+    lines += [""] + compile_table(rounds)
     lines += ["", f"Whole run (compilation included): {time.perf_counter() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)

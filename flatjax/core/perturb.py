@@ -14,8 +14,11 @@ Public building blocks for new methods: :func:`normalized_ascent` (SAM), :func:`
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flatjax.core.tree import XI, PyTree, global_norm, promoted, up
 
@@ -44,30 +47,50 @@ def filter_sums(leaf: jax.Array) -> jax.Array:
     return leaf
 
 
-def leaf_keys(key: jax.Array, tree: PyTree) -> PyTree:
-    """One independent key per leaf of ``tree`` (same structure)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return jax.tree.unflatten(treedef, list(jax.random.split(key, max(len(leaves), 1))[: len(leaves)]))
+#: Noise is drawn in chunks of this many numbers, one traced draw in a ``lax.map`` over the chunks.
+NOISE_CHUNK = 1 << 16
+
+
+def _draw(key: jax.Array, n: int, dtype: Any, distribution: str) -> jax.Array:
+    """``n`` zero-mean, unit-variance i.i.d. numbers."""
+    if distribution == "gaussian":
+        return jax.random.normal(key, (n,), dtype)
+    if distribution == "laplace":
+        return jax.random.laplace(key, (n,), dtype) / jnp.sqrt(jnp.asarray(2.0, dtype))
+    if distribution == "uniform":
+        bound = jnp.sqrt(jnp.asarray(3.0, dtype))
+        return jax.random.uniform(key, (n,), dtype, -bound, bound)
+    raise ValueError(f"distribution must be one of {NOISE_DISTRIBUTIONS}, got {distribution!r}")
 
 
 def unit_noise(key: jax.Array, tree: PyTree, distribution: str = "gaussian") -> PyTree:
     """Zero-mean, unit-variance i.i.d. noise shaped like ``tree``, in each leaf's promoted dtype.
 
     ``gaussian``: N(0, 1); ``laplace``: Laplace(0, 1/√2); ``uniform``: U(−√3, √3) — the NSO code's options.
+
+    All leaves of one dtype share one stream: chunks of :data:`NOISE_CHUNK` numbers, chunk ``i`` drawn with
+    ``split(fold_in(key, group), n_chunks)[i]`` inside a ``lax.map``, laid out over the leaves in tree order.
+    One traced draw whatever the number of leaves: a draw per leaf made the RWP-family steps of ResNet-18
+    compile ~4x longer than SAM's (each threefry draw is its own block of code), and a single draw over all
+    parameters costs XLA:CPU ~30x the FLOPs of chunks.
     """
-
-    def draw(k, leaf):
-        shape, dtype = jnp.shape(leaf), promoted(jnp.result_type(leaf))
-        if distribution == "gaussian":
-            return jax.random.normal(k, shape, dtype)
-        if distribution == "laplace":
-            return jax.random.laplace(k, shape, dtype) / jnp.sqrt(jnp.asarray(2.0, dtype))
-        if distribution == "uniform":
-            bound = jnp.sqrt(jnp.asarray(3.0, dtype))
-            return jax.random.uniform(k, shape, dtype, -bound, bound)
+    if distribution not in NOISE_DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {NOISE_DISTRIBUTIONS}, got {distribution!r}")
-
-    return jax.tree.map(draw, leaf_keys(key, tree), tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    dtypes = [promoted(jnp.result_type(leaf)) for leaf in leaves]
+    out: list[Any] = [None] * len(leaves)
+    for group, dtype in enumerate(sorted(set(dtypes), key=str)):
+        members = [i for i, d in enumerate(dtypes) if d == dtype]
+        sizes = [int(np.prod(jnp.shape(leaves[i]))) for i in members]
+        total = sum(sizes)
+        chunk = min(NOISE_CHUNK, max(total, 1))
+        keys = jax.random.split(jax.random.fold_in(key, group), -(-total // chunk))
+        flat = jax.lax.map(lambda k: _draw(k, chunk, dtype, distribution), keys).reshape(-1)
+        offset = 0
+        for i, size in zip(members, sizes):
+            out[i] = flat[offset:offset + size].reshape(jnp.shape(leaves[i]))
+            offset += size
+    return jax.tree.unflatten(treedef, out)
 
 
 def normalized_ascent(grad: PyTree, rho: jax.Array) -> PyTree:
