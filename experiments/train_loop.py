@@ -22,7 +22,6 @@ from experiments.train_step import (base_optimizer, has_parallel_passes, init_st
                                     make_probe_mesh, make_train_step, second_batch_keyword)
 from flatjax import data as fdata
 from flatjax import models as fmodels
-from flatjax.data.sharding import process_rows
 
 #: Consecutive skipped (non-finite) updates after which a run stops with :class:`NonFiniteRunError`.
 MAX_CONSECUTIVE_SKIPS = 10
@@ -109,7 +108,7 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     if placed is not None and jax.process_count() > 1 and distributed.is_main():
         print(f"{cfg.name}: {mesh_layout(placed)}", file=sys.stderr)
     # each process reads only the rows of every global batch that its devices hold
-    rows = process_rows(placed, cfg.batch_size) if placed is not None else None
+    rows = fdata.process_rows(placed, cfg.batch_size) if placed is not None else None
     keyword = second_batch_keyword(cfg)
     per_update, validation_stream = 2 if cfg.two_batches else 1, keyword is not None and not cfg.two_batches
     if pipeline == "streaming":

@@ -151,8 +151,7 @@ def test_when_one_process_dies_the_other_exits_with_a_clear_error(tmp_path, vict
 
 
 def test_process_rows_and_shard_batch_with_global_size():
-    from flatjax.data import BatchIterator, data_mesh, shard_batch
-    from flatjax.data.sharding import process_rows
+    from flatjax.data import BatchIterator, data_mesh, process_rows, shard_batch
 
     mesh = data_mesh(jax.devices())
     assert process_rows(mesh, 8) == (0, 8)  # one process holds every row

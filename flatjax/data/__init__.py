@@ -5,7 +5,8 @@
 * :func:`load_tfds` / :func:`tfds_imagenet_batches` - TensorFlow Datasets (optional
   extra, imported lazily).
 * :mod:`~flatjax.data.augment` - crop, flip, normalization, Cutout, RandAugment.
-* :class:`BatchIterator`, :func:`prefetch`, :func:`shard_batch` - feeding devices.
+* :class:`BatchIterator`, :func:`prefetch`, :func:`shard_batch`, :func:`process_rows` - feeding devices
+  (in a multi-process run, each process its own rows of every global batch).
 * :func:`streaming_batches` / :func:`streaming_dataset` - a Grain pipeline (worker processes, per-process
   sharding, checkpointable iterator) for image folders too large for memory, e.g. ImageNet (extras
   ``flatjax[experiments,data]``: Pillow, orbax, Grain; checkpoint helpers in :mod:`flatjax.data.streaming`).
@@ -37,7 +38,7 @@ from flatjax.data.image_folder import (
 )
 from flatjax.data.iterator import BatchIterator, prefetch
 from flatjax.data.randaugment import rand_augment
-from flatjax.data.sharding import data_mesh, shard_batch
+from flatjax.data.sharding import data_mesh, process_rows, shard_batch
 from flatjax.data.streaming import (
     ImageFolderSource,
     ImageNetTransform,
@@ -83,6 +84,7 @@ __all__ = [
     "random_flip",
     "random_resized_crop_box",
     "resolve_cifar10_dir",
+    "process_rows",
     "shard_batch",
     "streaming_batches",
     "streaming_dataset",
