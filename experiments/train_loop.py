@@ -226,6 +226,8 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                 raise TrainingInterrupted(step)
     finally:
         ckpt.close()
+        for stream in streams.values():  # stop the streaming pipeline's worker processes
+            getattr(stream, "close", lambda: None)()
     params, model_state = state["params"], state["model_state"]
     if distributed.is_main():
         rf.save_params_msgpack(params, run_dir / "params.msgpack")
