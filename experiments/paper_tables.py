@@ -77,8 +77,7 @@ def subset(ds: fdata.ArrayDataset, n: int | None, seed: int = 0) -> fdata.ArrayD
     """The first ``n`` examples of a fixed shuffle (all when ``n`` is None)."""
     if n is None or n >= len(ds):
         return ds
-    keep = np.random.default_rng(seed).permutation(len(ds))[:n]
-    return fdata.ArrayDataset(ds.image[keep], ds.label[keep], ds.class_names)
+    return ds.subset(np.random.default_rng(seed).permutation(len(ds))[:n])
 
 
 def mean_std(values: Sequence[float]) -> str:

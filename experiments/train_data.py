@@ -62,15 +62,15 @@ class StreamingSplit:
         if cfg.augment not in STREAMING_AUGMENT:
             raise ValueError(f"--pipeline streaming: the config's augment {cfg.augment!r} has no per-example form "
                              f"(it has {', '.join(STREAMING_AUGMENT)}); use --pipeline memory")
-        local = rows[1] - rows[0]
-        self.kw = dict(batch_size=local, shard_index=rows[0] // local, shard_count=cfg.batch_size // local)
+        local, shard_count = rows[1] - rows[0], cfg.batch_size // (rows[1] - rows[0])
         source = streaming.ImageFolderSource(data_dir, "train")
         self.class_names = source.class_names
         self.num_examples = len(source)
         self.iterator = streaming.streaming_batches(
             source, "train", seed=seed, worker_count=worker_count, train=True, num_epochs=None,
-            transform=cifar_stream_transform(train=True, augment=STREAMING_AUGMENT[cfg.augment]), **self.kw)
-        self._len = streaming.batches_per_epoch(len(source), local, shard_count=self.kw["shard_count"])
+            transform=cifar_stream_transform(train=True, augment=STREAMING_AUGMENT[cfg.augment]),
+            batch_size=local, shard_index=rows[0] // local, shard_count=shard_count)
+        self._len = streaming.batches_per_epoch(len(source), local, shard_count=shard_count)
         self.data_dir = data_dir
 
     def __len__(self) -> int:

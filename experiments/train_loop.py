@@ -181,7 +181,7 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
                 epoch_batches = batches(it, epoch, step - epoch * steps_per_epoch, per_update, second_it)
                 # decide to stop BEFORE taking the next batch: a streaming pipeline's saved position is exact
                 while step < end and not stop.requested:
-                    if jax.process_count() > 1 and distributed.any_process(stop.requested):
+                    if distributed.any_process(stop.requested):
                         stop.requested = True  # Ctrl-C on any process: all stop after the same update
                         break
                     if (b0_b1 := next(epoch_batches, None)) is None:
