@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("digits", "cifar10-folder", "cifar10", "cifar100"))
     p.add_argument("--data-dir", help=f"CIFAR-10 image folder (or ${fdata.CIFAR10_ENV_VAR}) / TFDS data dir")
     p.add_argument("--pipeline", choices=PIPELINES, default="memory",
-                   help="memory: decode the split into memory (fast for CIFAR); streaming: read the image folder "
+                   help="memory: decode the split into memory (fast for CIFAR); tfds: read the image folder into "
+                        "memory with TFDS (tfds.folder_dataset.ImageFolder); streaming: read the image folder "
                         "lazily with Grain worker processes, its position saved in the checkpoints (large data)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes of --pipeline streaming")
     p.add_argument("--epochs", type=int)
@@ -135,8 +136,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cfgs: Seque
         if {c.model for c in cfgs} - {"mlp"}:
             p.error(f"--hidden sets the widths of the mlp model only; the model is "
                     f"{', '.join(sorted({c.model for c in cfgs}))} (drop --hidden or use --model mlp)")
-    if args.pipeline == "streaming" and {c.dataset for c in cfgs} != {"cifar10-folder"}:
-        p.error(f"--pipeline streaming reads an image folder: it needs --dataset cifar10-folder, got "
+    if args.pipeline != "memory" and {c.dataset for c in cfgs} != {"cifar10-folder"}:
+        p.error(f"--pipeline {args.pipeline} reads an image folder: it needs --dataset cifar10-folder, got "
                 f"{', '.join(sorted({c.dataset for c in cfgs}))}")
     if args.overwrite and (args.resume or args.force_resume):
         p.error("--overwrite replaces the stored runs; --resume continues them: give one")

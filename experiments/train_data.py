@@ -18,14 +18,17 @@ from typing import Any, Callable, Iterator
 from experiments.configs import TrainConfig
 from flatjax import data as fdata
 
-PIPELINES = ("memory", "streaming")
+#: memory: the split decoded into memory by flatjax; tfds: an image folder read into memory by TFDS
+#: (``tfds.folder_dataset.ImageFolder``); streaming: an image folder read lazily by Grain.
+PIPELINES = ("memory", "tfds", "streaming")
 #: The in-memory CIFAR augmentations as the streaming pipeline's per-example ones.
 STREAMING_AUGMENT = {"none": "none", "basic": "cifar", "cutout": "cutout"}
 
 
-def load_data(cfg: TrainConfig, data_dir: str | None
+def load_data(cfg: TrainConfig, data_dir: str | None, pipeline: str = "memory"
               ) -> tuple[fdata.ArrayDataset, fdata.ArrayDataset, Callable | None, Callable | None]:
-    """Loads ``(train, test, train_transform, eval_transform)`` for ``cfg.dataset`` into memory.
+    """Loads ``(train, test, train_transform, eval_transform)`` for ``cfg.dataset`` into memory
+    (``pipeline="tfds"``: the CIFAR-10 image folder read by TFDS rather than by flatjax's decoder).
 
     Raises:
       DatasetNotFoundError: when a CIFAR folder / TFDS dataset is missing (with instructions).
@@ -34,7 +37,10 @@ def load_data(cfg: TrainConfig, data_dir: str | None
     if cfg.dataset == "digits":
         train, test = fdata.load_digits(seed=0)
         return train, test, None, None
-    if cfg.dataset == "cifar10-folder":
+    if cfg.dataset == "cifar10-folder" and pipeline == "tfds":
+        folder = str(fdata.resolve_cifar10_dir(data_dir))
+        train, test = fdata.load_tfds_folder(folder, "train"), fdata.load_tfds_folder(folder, "test")
+    elif cfg.dataset == "cifar10-folder":
         train = fdata.load_cifar10_folder(data_dir, "train")
         test = fdata.load_cifar10_folder(data_dir, "test")
     elif cfg.dataset in ("cifar10", "cifar100"):

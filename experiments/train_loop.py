@@ -66,8 +66,9 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
         passes in parallel, each group data-parallel inside: a ``(probe, data)`` mesh and
         ``flatjax.ShardMapProbes(mesh, "probe", data_axis="data")``. 1 (default): plain data parallelism.
       force_resume: resume even though the configuration differs from the stored one.
-      pipeline: ``"memory"`` (the split decoded in memory) or ``"streaming"`` (an image folder read lazily by
-        Grain, its position saved in the checkpoints; ``experiments/train_data.py``).
+      pipeline: ``"memory"`` (the split decoded in memory), ``"tfds"`` (an image folder read into memory by
+        TFDS) or ``"streaming"`` (an image folder read lazily by Grain, its position saved in the
+        checkpoints; ``experiments/train_data.py``).
       workers: decoding worker processes of the streaming pipeline.
 
     Raises:
@@ -86,8 +87,8 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
     run_dir.mkdir(parents=True, exist_ok=True)
     if pipeline not in PIPELINES:
         raise ConfigError(f"--pipeline must be one of {PIPELINES}, got {pipeline!r}")
-    if pipeline == "streaming" and (data is not None or cfg.dataset != "cifar10-folder"):
-        raise ConfigError(f"--pipeline streaming reads an image folder (--dataset cifar10-folder), not "
+    if pipeline != "memory" and (data is not None or cfg.dataset != "cifar10-folder"):
+        raise ConfigError(f"--pipeline {pipeline} reads an image folder (--dataset cifar10-folder), not "
                           f"{cfg.dataset}; use --pipeline memory")
     n_dev = devices or jax.device_count()
     mesh, probe_mesh, strategy = None, None, "auto"
@@ -120,7 +121,7 @@ def train_one(cfg: TrainConfig, run_dir: Path, *, seed: int = 0, max_steps: int 
         num_classes, image_shape = len(it.class_names), (32, 32, 3)
         test, eval_tf = (lambda: it.test_batches(cfg.batch_size)), None
     else:
-        train, test, train_tf, eval_tf = data if data is not None else load_data(cfg, data_dir)
+        train, test, train_tf, eval_tf = data if data is not None else load_data(cfg, data_dir, pipeline)
         num_classes, image_shape, n_train = len(train.class_names), train.image.shape[1:], len(train.label)
         if cfg.batch_size * per_update > n_train:  # no full update per epoch
             raise ConfigError(f"--batch-size {cfg.batch_size} is too large: {cfg.method} takes {per_update} "

@@ -136,37 +136,6 @@ def test_tfds_loader_without_tfds(monkeypatch):
         next(D.tfds_imagenet_batches("validation", 8, train=False))
 
 
-def test_tfds_loader_with_a_mock(monkeypatch):
-    from types import SimpleNamespace
-
-    prepared = {"cifar10": False}
-    images = np.zeros((4, 32, 32, 3), np.uint8)
-
-    class FakeBuilder:
-        def __init__(self, name, data_dir=None):
-            self.name, self.data_dir = name, f"/fake/{name}/3.0.2"
-            self.info = SimpleNamespace(features={"label": SimpleNamespace(names=["a", "b"])})
-
-        def download_and_prepare(self):
-            prepared[self.name] = True
-
-        def as_dataset(self, split, batch_size, as_supervised):
-            assert (split, batch_size, as_supervised) == ("test", -1, True)
-            return images, np.array([0, 1, 1, 0])
-
-    fake_tf = SimpleNamespace(
-        io=SimpleNamespace(gfile=SimpleNamespace(exists=lambda p: prepared[p.split("/")[2]]))
-    )
-    fake_tfds = SimpleNamespace(builder=FakeBuilder, as_numpy=lambda ds: ds)
-    monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds)
-    with pytest.raises(D.DatasetNotFoundError, match="download=True"):
-        D.load_tfds("cifar10", "test")
-    ds = D.load_tfds("cifar10", "test", download=True)
-    assert ds.image.shape == (4, 32, 32, 3) and ds.label.dtype == np.int32
-    assert ds.class_names == ("a", "b")
-
-
 # ----------------------------------------------------------------------- augmentations
 def _images(n=16, h=32, w=32, c=3, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)

@@ -2,8 +2,8 @@
 
 * :func:`load_digits` - the offline default (scikit-learn's 8x8 digits).
 * :func:`load_image_folder` / :func:`load_cifar10_folder` - ``root/<split>/<class>/*.jpg``.
-* :func:`load_tfds` / :func:`tfds_imagenet_batches` - TensorFlow Datasets (optional
-  extra, imported lazily).
+* :func:`load_tfds` / :func:`load_tfds_folder` / :func:`tfds_imagenet_batches` - TensorFlow Datasets
+  (optional extra, imported lazily): prepared datasets, an image folder read by TFDS, ImageNet streamed.
 * :mod:`~flatjax.data.augment` - crop, flip, normalization, Cutout, RandAugment.
 * :class:`BatchIterator`, :func:`prefetch`, :func:`shard_batch`, :func:`process_rows` - feeding devices
   (in a multi-process run, each process its own rows of every global batch).
@@ -49,7 +49,7 @@ from flatjax.data.streaming import (
     streaming_batches,
     streaming_dataset,
 )
-from flatjax.data.tfds import load_tfds, tfds_imagenet_batches
+from flatjax.data.tfds import load_tfds, load_tfds_folder, tfds_imagenet_batches
 
 __all__ = [
     "ArrayDataset",
@@ -77,6 +77,7 @@ __all__ = [
     "load_digits",
     "load_image_folder",
     "load_tfds",
+    "load_tfds_folder",
     "normalize",
     "prefetch",
     "rand_augment",
