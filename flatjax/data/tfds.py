@@ -83,8 +83,9 @@ def load_tfds_folder(root: str, split: str = "train") -> ArrayDataset:
 
     The TFDS counterpart of :func:`flatjax.data.load_image_folder` for the same layout,
     ``root/<split>/<class>/*.jpg``: TensorFlow decodes the images (its JPEG decoder differs from
-    Pillow's by a few grey levels: at most 4, 1.0 on average on CIFAR-sized JPEGs). Examples are in flatjax's order (classes sorted, files sorted by
-    name within a class), so the two loaders give the same labels in the same order.
+    Pillow's by a few grey levels: at most 4, 1.0 on average, on CIFAR-sized JPEGs). Examples come in
+    flatjax's order (classes sorted, files sorted by name within a class), so the two loaders give the
+    same labels in the same order.
 
     Args:
       root: folder holding ``<split>/<class>/`` sub-folders of equally sized images.
