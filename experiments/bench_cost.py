@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import flatjax  # noqa: E402
-from experiments.bench_step import machine_description, write_results  # noqa: E402
+from experiments.bench_step import machine_description  # noqa: E402
+from experiments.run_files import write_results  # noqa: E402
 from flatjax import models as fmodels  # noqa: E402
 
 #: The papers' cost columns, relative to SGD: (FLOPs, wall time on 2 devices) where a paper states them.

@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.bench_step import machine_description, make_problem, time_interleaved, write_results  # sets XLA_FLAGS before jax
+from experiments.bench_step import machine_description, make_problem, time_interleaved  # sets XLA_FLAGS before jax
+from experiments.run_files import write_results
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

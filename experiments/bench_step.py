@@ -40,6 +40,7 @@ import optax  # noqa: E402
 import optax.contrib  # noqa: E402
 
 import flatjax  # noqa: E402
+from experiments.run_files import write_results  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -224,14 +225,6 @@ def machine_description() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__}, jaxlib {jax.lib.__version__}, "
             f"optax {optax.__version__}, flax {flax.__version__}, backend {jax.default_backend()}")
-
-
-def write_results(path: Path, text: str) -> None:
-    """Write a benchmark's results file, keeping its hand-written ``## Reading`` section across re-runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
-    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
-    path.write_text(text + ("\n" + reading if reading else ""))
 
 
 def main(argv=None):

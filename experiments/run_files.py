@@ -108,6 +108,14 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_results(path: Path, text: str) -> None:
+    """Write a results file, keeping its hand-written ``## Reading`` section across re-runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
+    path.write_text(text + ("\n" + reading if reading else ""))
+
+
 def save_params_msgpack(params: Any, path: Path) -> None:
     """Writes ``params`` with ``flax.serialization.msgpack_serialize`` (NumPy leaves)."""
     from flax import serialization

@@ -31,15 +31,62 @@ def test_protocol_runs_and_reports_sharpness(tmp_path):
                                "4", "--epochs", "1", "--batch-size", "10", "--sharpness-images", "16",
                                "--trace-probes", "3", "--eig-iters", "3", "--out", str(out), "--results",
                                str(tmp_path / "table.md"), "--no-progress"])
-    assert [r["method"] for r in rows] == ["sgd", "sam", "marwp"]
+    assert [r["name"] for r in rows] == ["sgd", "sam", "marwp"]
     assert {r["steps"] for r in rows} == {4}  # m-ARWP: two batches per update, twice the epochs
     for r in rows:
-        assert np.isfinite(r["train_loss"]) and 0.0 <= r["test_acc"] <= 1.0
-        assert np.isfinite(r["trace"]) and r["trace_stderr"] >= 0 and np.isfinite(r["lambda_max"])
+        assert np.isfinite(r["train_loss"]) and 0.0 <= r["test_acc"] <= 1.0 and r["seeds"] == [0]
+        assert np.isfinite(r["trace"]) and r["trace_se"] >= 0 and np.isfinite(r["lambda_max"])
+        assert r["test_acc_se"] is None  # one seed: no spread to report
+        assert r["test_acc_binomial_se"] == pytest.approx(np.sqrt(r["test_acc"] * (1 - r["test_acc"]) / 20))
     table = (tmp_path / "table.md").read_text()
     assert table == (out / "results.md").read_text()
-    assert "Command: `python -m experiments.reproduce_cpu --data-dir" in table and "| marwp | sigma=0.015" in table
-    assert len(json.loads((out / "results.json").read_text())) == 3
+    assert "Command: `python -m experiments.reproduce_cpu --data-dir DIR" in table and "| marwp | sigma=0.015" in table
+    assert str(tmp_path) not in table
+    stored = json.loads((out / "results.json").read_text())
+    assert len(stored["methods"]) == 3 and len(stored["runs"]) == 3
+
+
+def test_seeds_equal_data_small_images_and_a_kept_reading(tmp_path):
+    """``--seeds``: the seeded methods run once per seed and report mean ± standard error (checked against
+    the runs); ``marwp_equal_data`` makes SGD's updates from SGD's data; ``--image-size 16``; a re-run keeps
+    the hand-written reading of the results file."""
+    data = _folder(tmp_path / "cifar", {"train": 4, "test": 2})
+    results = tmp_path / "table.md"
+    results.write_text("old table\n## Reading\n\nhand-written\n")
+    argv = ["--data-dir", str(data), "--methods", "sgd", "marwp", "marwp_equal_data", "--seeds", "2", "--seeded",
+            "sgd", "--train-per-class", "4", "--epochs", "1", "--batch-size", "10", "--image-size", "16",
+            "--augment", "none", "--sharpness-images", "8", "--trace-probes", "2", "--eig-iters", "2",
+            "--out", str(tmp_path / "run"), "--results", str(results), "--no-progress"]
+    rows = {r["name"]: r for r in reproduce_cpu.main(argv)}
+    assert rows["sgd"]["seeds"] == [0, 1] and rows["marwp"]["seeds"] == rows["marwp_equal_data"]["seeds"] == [0]
+    runs = [r for r in json.loads((tmp_path / "run" / "results.json").read_text())["runs"] if r["name"] == "sgd"]
+    accs = [r["test_acc"] for r in runs]
+    assert rows["sgd"]["test_acc"] == pytest.approx(np.mean(accs))
+    assert rows["sgd"]["test_acc_se"] == pytest.approx(np.std(accs, ddof=1) / np.sqrt(2))
+    assert runs[0]["train_loss"] != runs[1]["train_loss"]  # the seeds differ
+    # equal data: 40 images, batch 10 split in two halves of 5 -> 4 updates, like SGD's; m-ARWP: two batches
+    # of 10 per update over twice the epochs -> 4 updates too, from twice the data
+    assert rows["marwp_equal_data"]["steps"] == rows["sgd"]["steps"] == rows["marwp"]["steps"] == 4
+    cfg = reproduce_cpu.protocol_config("marwp_equal_data", epochs=3, batch_size=64, lr=0.05, weight_decay=0.0)
+    assert (cfg.batch_size, cfg.epochs, cfg.two_batches, cfg.method) == (32, 3, True, "marwp")
+    text = results.read_text()
+    assert "old table" not in text and text.endswith("## Reading\n\nhand-written\n")
+    assert "16x16 pixels" in text and "| sgd | - | 2 |" in text and " ± " in text
+    with pytest.raises(ValueError, match="splits the two batches"):
+        reproduce_cpu.protocol_config("sam_equal_data", epochs=1, batch_size=8, lr=0.1, weight_decay=0.0)
+
+
+def test_downsampling_averages_pixel_blocks():
+    from flatjax.data import ArrayDataset
+
+    img = np.arange(2 * 32 * 32 * 3, dtype=np.float64).reshape(2, 32, 32, 3) % 256
+    ds = ArrayDataset(img.astype(np.uint8), np.array([0, 1], np.int32), ("a", "b"))
+    small = reproduce_cpu.downsample(ds, 16)
+    expected = img.astype(np.uint8).astype(np.float64).reshape(2, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+    assert small.image.shape == (2, 16, 16, 3) and small.image.dtype == np.uint8
+    np.testing.assert_array_equal(small.image, np.round(expected).astype(np.uint8))
+    with pytest.raises(ValueError, match="image_size must be one of"):
+        reproduce_cpu.load_protocol_data(None, 1, image_size=12)
 
 
 def test_protocol_uses_the_paper_hyper_parameters():
