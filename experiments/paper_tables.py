@@ -12,6 +12,10 @@ hyper-parameters). ``--epochs``, ``--subset`` (training examples, the first N of
 Runs go through the training CLI's :func:`experiments.train_loop.train_one` on every visible device; each
 row's runs are under ``<out>/runs/``; ``<out>/<table>.md`` and ``.json`` hold the table: per row the paper's
 mean ± std (copied from the paper, with its source) and the measured mean ± std over ``--seeds`` seeds.
+
+Tables: the RWP paper's Table 2 (SGD, SAM and the RWP family on VGG16-BN, ResNet-18, WRN-28-10) and CR-SAM's
+Table 1 (its CR-SAM rows, basic augmentation). Not here: NSO (its paper fine-tunes a pretrained ResNet-34, no
+from-scratch CIFAR rows) and the LETS CIFAR tables (not transcribed yet).
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ from flatjax import data as fdata
 
 RWP_SOURCE = ("Li et al., Revisiting Random Weight Perturbation for Efficiently Improving Generalization, "
               "TMLR 2024, Table 2")
+CRSAM_SOURCE = ("Wu et al., CR-SAM: Curvature Regularized Sharpness-Aware Minimization, AAAI 2024, Table 1, "
+                "Basic augmentation")
+#: why the CR-SAM tables hold CR-SAM's rows only
+CRSAM_NOTE = ("; its SGD/SAM rows used CR-SAM's own base setup (lr 0.05, batch 128, weight decay 5e-3), which "
+              "flatjax's sgd/sam configs (the RWP paper's) do not: those rows are in rwp_*")
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,19 @@ def _rwp_rows(column: int) -> dict[str, tuple[float, float]]:
             for model, methods in table.items() for method, v in methods.items()}
 
 
+def _crsam_rows(column: int) -> dict[str, tuple[float, float]]:
+    # model: (CIFAR-10 mean, std, CIFAR-100 mean, std) of CR-SAM, basic augmentation, three seeds
+    table = {"resnet18": (96.95, .13, 80.76, .21), "wrn28_10": (97.36, .15, 84.45, .09)}
+    return {f"{model}_crsam": v[2 * column: 2 * column + 2] for model, v in table.items()}
+
+
 TABLES = {
     "rwp_cifar10": PaperTable(RWP_SOURCE + ", CIFAR-10 column (ViT-S rows: no config here)", "cifar10",
                               _rwp_rows(0)),
     "rwp_cifar100": PaperTable(RWP_SOURCE + ", CIFAR-100 column (ViT-S rows: no config here)", "cifar100",
                                _rwp_rows(1)),
+    "crsam_cifar10": PaperTable(CRSAM_SOURCE + ", CIFAR-10 column" + CRSAM_NOTE, "cifar10", _crsam_rows(0)),
+    "crsam_cifar100": PaperTable(CRSAM_SOURCE + ", CIFAR-100 column" + CRSAM_NOTE, "cifar100", _crsam_rows(1)),
 }
 
 

@@ -58,6 +58,8 @@ def test_list_names_every_table_and_its_rows(capsys):
     paper_tables.main(["--list"])
     out = capsys.readouterr().out
     assert "rwp_cifar10" in out and "rwp_cifar100" in out and "wrn28_10_marwp" in out
+    assert "crsam_cifar100" in out and "CR-SAM" in out and "resnet18_crsam" in out
+    assert paper_tables.TABLES["crsam_cifar100"].rows == {"resnet18_crsam": (80.76, .21), "wrn28_10_crsam": (84.45, .09)}
     for table in paper_tables.TABLES.values():  # every row is a training config with the paper's settings
         for row in table.rows:
             cfg = get_config(f"{table.dataset}_{row}")
