@@ -75,8 +75,8 @@ EQUAL_DATA = "_equal_data"
 SEEDED_METHODS = ("sgd", "sam", "marwp")
 
 
-def protocol_config(method: str, *, epochs: int, batch_size: int, lr: float, weight_decay: float
-                    ) -> TrainConfig:
+def protocol_config(method: str, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                    augment: str = "basic") -> TrainConfig:
     """The CPU-protocol config of ``method`` (a method or variant such as ``lets_asam``): the paper CIFAR-10
     hyper-parameters of ``cifar10_resnet18_<method>`` on ResNet-8.
 
@@ -102,7 +102,8 @@ def protocol_config(method: str, *, epochs: int, batch_size: int, lr: float, wei
         name=f"cpu_cifar10_resnet8_{method}", dataset="cifar10-folder", model=MODEL, method=paper.method,
         method_kwargs=dict(paper.method_kwargs), sigma_increase=paper.sigma_increase,
         two_batches=paper.two_batches, epochs=epochs * (2 if paper.two_batches and not equal_data else 1),
-        batch_size=batch_size // 2 if equal_data else batch_size, lr=lr, momentum=0.9, weight_decay=weight_decay, augment="basic",
+        batch_size=batch_size // 2 if equal_data else batch_size, lr=lr, momentum=0.9,
+        weight_decay=weight_decay, augment=augment,
         source=f"CPU protocol; method hyper-parameters from {paper.name} ({paper.source})")
 
 
@@ -219,7 +220,9 @@ def results_markdown(rows: Sequence[dict], *, command: str, settings: dict, wall
         f"m-RWP/m-ARWP: two batches per update, `_equal_data`: one batch split in two), SGD momentum 0.9, "
         f"lr {settings['lr']} cosine, weight decay {settings['weight_decay']}, augmentation "
         f"{settings['augment']}; seeds {settings['seed']}..{settings['seed'] + settings['seeds'] - 1} for "
-        f"{', '.join(settings['seeded'])}, seed {settings['seed']} for the others. Method hyper-parameters "
+        f"{', '.join(m for m in settings['methods'] if m in settings['seeded'])}"
+        + (f", seed {settings['seed']} for the others" if set(settings['methods']) - set(settings['seeded']) else "")
+        + ". Method hyper-parameters "
         f"from the `cifar10_resnet18_<method>` paper configs. Sharpness on {settings['sharpness_images']} "
         "fixed training images, eval-mode BatchNorm: Tr(H) by Hutchinson, λ_max by power iteration.", "",
         "Each cell: mean ± standard error over the method's seeds (one seed: no ±, except Tr(H), whose ± is "
@@ -280,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                  "trace_probes", "eig_iters", "seeds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for method in args.methods:  # before any work
+    for method in [*args.methods, *args.seeded]:  # before any work
         try:
             protocol_config(method, epochs=1, batch_size=1, lr=1.0, weight_decay=0.0)
         except ValueError as e:
@@ -299,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     runs = []
     for method in args.methods:
         cfg = protocol_config(method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              weight_decay=args.weight_decay)
+                              weight_decay=args.weight_decay, augment=args.augment)
         seeds = range(args.seed, args.seed + (args.seeds if method in args.seeded else 1))
         for seed in seeds:
             t0 = time.perf_counter()

@@ -119,5 +119,7 @@ def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("FLATJAX_CIFAR10_DIR", raising=False)
     with pytest.raises(SystemExit, match="FLATJAX_CIFAR10_DIR"):
         reproduce_cpu.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no config cifar10_resnet18_sgdd"):  # a typo in --seeded, before any work
+        reproduce_cpu.main(["--seeded", "sgdd", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--epochs must be >= 1"):
         reproduce_cpu.main(["--epochs", "0", "--out", str(tmp_path)])
