@@ -13,7 +13,9 @@ For n independent passes of a model whose one gradient pass costs F FLOPs and ho
 * ``"auto"`` (the default) — :func:`resolve_auto`: device groups under a mesh with a ``"probe"`` axis,
   else ``"sequential"``.
 * ``"sequential"`` — one gradient pass after another; each pass waits for the previous one's gradient
-  (:func:`after`), so the peak memory is one pass's, like SAM's two dependent passes.
+  (:func:`after`), so the peak memory is one pass's, like SAM's two dependent passes. Computed probe
+  points (:class:`Shifted`, and the noise methods' points) are stored once (:func:`materialized`), not
+  recomputed inside every consumer.
 * ``"vmap"``       — ``jax.vmap`` over a stacked probe axis: the memory-for-speed choice. On CPU a conv
   net's vmapped gradient becomes a grouped convolution that can cost several single passes (measured in
   ``experiments/results/bench_step.md``).
@@ -189,8 +191,46 @@ def _floating(x: Any) -> bool:
 
 
 def point_value(point: PyTree) -> PyTree:
-    """A probe point as a pytree (:class:`Shifted` built now)."""
-    return point.value() if isinstance(point, Shifted) else point
+    """A probe point as a pytree (:class:`Shifted` built now, stored: :func:`materialized`)."""
+    if not isinstance(point, Shifted):
+        return point
+    # the loop starts from delta where it can (a computed buffer, made late), not from the parameters:
+    # XLA would copy those for the loop early in the step and hold the copy through the earlier passes
+    like = jax.tree.map(lambda d, b: d if (jnp.shape(d), jnp.result_type(d)) == (jnp.shape(b), jnp.result_type(b))
+                        else b, point.delta, point.base)
+    return materialized(Shifted.value, point, like=like)
+
+
+def materialized(fn: Callable[..., Any], *operands: Any, like: Any) -> Any:
+    """``fn(*operands)``, computed once as stored arrays that later ops read instead of recomputing.
+
+    ``like``: a pytree of arrays with the shapes and dtypes of ``fn``'s result; the loop below starts
+    from it (XLA copies it into the loop's buffer; its values are not used). Best is a buffer computed
+    just before, such as a :class:`Shifted` point's delta: zeros are merged by XLA into one buffer held
+    across every such loop, and a copy of the parameters may be scheduled early in the step.
+
+    Why: XLA fuses cheap elementwise producers into every consumer, so a probe point ``w + e`` built
+    from a parameter-sized noise is recomputed inside each of its ~200 consumers (the convolutions'
+    weight copies and transposes, BatchNorm, forward and backward). That keeps the noise alive to the
+    end of the pass beside copies of the perturbed kernels, and makes every consumer a distinct kernel
+    to compile. Computed in the body of a ``lax.while_loop`` that runs once, the point is built once
+    per leaf and read like parameters: on ResNet-18 RWP's step then needs SGD's temporary memory
+    (``experiments/results/bench_cost.md``). ``lax.optimization_barrier`` does not do this on XLA:CPU
+    (the barrier is gone before fusion). The cost: the noise and the point exist together while the
+    point is built, so where the parameters dwarf the activations (a wide MLP at batch 4: the peak is
+    there) the step holds 2.1 parameter buffers instead of 1.3. The loop's start is ``min(0, isnan(x))`` for an element ``x``
+    of the operands: always 0 (one trip), but not a constant XLA could use to inline the loop.
+    """
+    leaves = [x for x in jax.tree.leaves(operands) if hasattr(x, "dtype")]
+    start = jnp.int32(0)
+    if leaves:
+        first = jnp.ravel(leaves[0])[:1]
+        start = jnp.minimum(jnp.sum(jnp.isnan(first.astype(jnp.float32)).astype(jnp.int32)), 0)
+
+    def body(carry):
+        return carry[0] + 1, jax.tree.map(lambda x, y: jnp.asarray(x).astype(y.dtype), fn(*operands), like)
+
+    return jax.lax.while_loop(lambda carry: carry[0] < 1, body, (start, like))[1]
 
 
 def after(params: PyTree, batch: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
@@ -206,7 +246,7 @@ def after(params: PyTree, batch: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]
     """
     zero = _zero_after(grads)
     if isinstance(params, Shifted):  # built after the previous pass: one shifted copy at a time
-        return Shifted(params.base, _tie(params.delta, zero), params.scale).value(), _tie(batch, zero)
+        return point_value(Shifted(params.base, _tie(params.delta, zero), params.scale)), _tie(batch, zero)
     if any(_floating(x) for x in jax.tree.leaves(batch)):
         return params, _tie(batch, zero)  # measured on ResNet-18: tying the parameters holds one more copy of them
     return _tie(params, zero), batch

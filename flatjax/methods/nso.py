@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
-from flatjax.core.evaluate import Strategy
+from flatjax.core.evaluate import Shifted, Strategy, materialized
 from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, global_norm, scale, weighted_sum
 from flatjax.core.validate import check_choice, check_positive_int, guarded
@@ -45,13 +45,20 @@ UNROLL_MAX_K = 4
 def perturbed_probes(ctx: StepContext, s: jax.Array, k: int, noise: str, signs: tuple[float, ...]):
     """Draw ``k`` noises ``U_i`` and evaluate every ``w + sign U_i`` (order: i-major, then signs).
 
-    Returns ``(probes, first_noise)``.
+    Returns ``(probes, ‖U_1‖)``.
     """
     keys = jax.random.split(ctx.key, k)
     if k <= UNROLL_MAX_K:
-        noises = [draw_noise(kk, ctx.params, s, noise) for kk in keys]
-        points = [add_scaled(ctx.params, u, sign) for u in noises for sign in signs]
-        return ctx.probes(points=points, batch=ctx.batch), noises[0]
+        def noise_and_norm(kk):
+            u = draw_noise(kk, ctx.params, s, noise)
+            return u, global_norm(u)
+
+        # each U_i stored once with its norm (the chunked draw is dead before the passes), and the points
+        # built where the strategy evaluates them (sequential: each once the previous pass is done)
+        like = (ctx.params, jnp.zeros((), ctx.dtype))
+        noises, norms = zip(*[materialized(noise_and_norm, kk, like=like) for kk in keys])
+        points = [Shifted(ctx.params, u, sign) for u in noises for sign in signs]
+        return ctx.probes(points=points, batch=ctx.batch), norms[0]
     noises = jax.vmap(lambda kk: draw_noise(kk, ctx.params, s, noise))(keys)  # leaves (k, ...)
     n = k * len(signs)
 
@@ -60,7 +67,7 @@ def perturbed_probes(ctx: StepContext, s: jax.Array, k: int, noise: str, signs: 
         return pts.reshape((n,) + jnp.shape(w))
 
     points = jax.tree.map(stacked, ctx.params, noises)
-    return ctx.probes_stacked(points, ctx.batch), jax.tree.map(lambda u: u[0], noises)
+    return ctx.probes_stacked(points, ctx.batch), global_norm(jax.tree.map(lambda u: u[0], noises))
 
 
 def _check_common(sigma, k, noise):
@@ -116,10 +123,10 @@ def wpsgd(
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
         s = ctx.value(sigma)
-        out, first = perturbed_probes(ctx, s, k, noise, (1.0,))
+        out, noise_norm = perturbed_probes(ctx, s, k, noise, (1.0,))
         d = weighted_sum(out.grads, jnp.full((k,), 1.0 / k))
         aux = jax.tree.map(lambda x: x[0], out.aux)
-        diagnostics = {"sigma": s, "noise_norm": global_norm(first)}
+        diagnostics = {"sigma": s, "noise_norm": noise_norm}
         return Direction(d, method_state, out.losses[0], aux, out.losses, diagnostics)
 
     return rule_estimator(
@@ -190,15 +197,15 @@ def nso(
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
         s, lam_t = ctx.value(sigma), ctx.value(lam)
         # the 2k perturbed passes form the probe set (an even count: splits over device pairs)
-        out, first = perturbed_probes(ctx, s, k, noise, (1.0, -1.0))
+        out, noise_norm = perturbed_probes(ctx, s, k, noise, (1.0, -1.0))
         d = weighted_sum(out.grads, jnp.full((2 * k,), 1.0 / (2 * k)))
-        if clean_pass:
-            loss0, aux0, g0 = ctx.value_and_grad(*ctx.after(ctx.params, ctx.batch, out.grads))
+        if clean_pass:  # after d (not the 2k gradients): one parameter-sized buffer held through it
+            loss0, aux0, g0 = ctx.value_and_grad(*ctx.after(ctx.params, ctx.batch, d))
             d = add_scaled(scale(d, 1.0 - lam_t), g0, lam_t)
             curvature = jnp.mean(out.losses[0::2] + out.losses[1::2] - 2.0 * loss0)
         else:
             loss0, aux0, curvature = jnp.asarray(NAN, ctx.dtype), None, jnp.asarray(NAN, ctx.dtype)
-        diagnostics = {"sigma": s, "noise_norm": global_norm(first), "lam": lam_t,
+        diagnostics = {"sigma": s, "noise_norm": noise_norm, "lam": lam_t,
                        "pair_curvature": curvature}
         losses = jnp.concatenate([jnp.stack([loss0]), out.losses])
         return Direction(d, method_state, loss0, aux0, losses, diagnostics)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
-from flatjax.core.evaluate import Strategy
+from flatjax.core.evaluate import Strategy, materialized
 from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, add_scaled, compute_dtype, global_norm, index, up
 from flatjax.core.validate import guarded
@@ -68,12 +68,16 @@ def _rwp_estimator(
 
     def direction(ctx: StepContext, history: PyTree) -> Direction:
         s = ctx.value(sigma)
-        if adaptive:
-            e = perturb.filterwise_gaussian(ctx.key, ctx.params, s, history, ctx.value(eta))
-        else:
-            e = perturb.filterwise_gaussian(ctx.key, ctx.params, s)
-        perturbed = add_scaled(ctx.params, e)
-        diagnostics = {"sigma": s, "noise_norm": global_norm(e)}
+        eta_t = ctx.value(eta) if adaptive else None
+
+        def point_and_noise_norm(params):
+            e = perturb.filterwise_gaussian(ctx.key, params, s, history if adaptive else None, eta_t)
+            return add_scaled(params, e), global_norm(e)
+
+        # stored once, so the noise is dead before the pass (memory) and its consumers stay plain (compile)
+        perturbed, noise_norm = materialized(point_and_noise_norm, ctx.params,
+                                             like=(ctx.params, jnp.zeros((), ctx.dtype)))
+        diagnostics = {"sigma": s, "noise_norm": noise_norm}
         if not mixed:
             loss1, aux1, g1 = ctx.value_and_grad(perturbed, ctx.batch)
             d, loss, aux, losses = g1, loss1, aux1, jnp.stack([loss1])
