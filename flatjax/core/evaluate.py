@@ -301,6 +301,13 @@ class Evaluator:
             )
         return up(loss), aux
 
+    def loss_and_aux(self, params: PyTree, batch: PyTree, *, reduce: bool = True):
+        """``(loss, aux)`` at ``params``, a forward pass only; the loss averaged over ``axis_name`` when ``reduce``."""
+        loss, aux = self._loss_and_aux(params, batch)
+        if self.axis_name is not None and reduce:
+            loss = jax.lax.pmean(loss, self.axis_name)
+        return loss, aux
+
     def value_and_grad(self, params: PyTree, batch: PyTree, *, reduce: bool = True):
         """``(loss, aux, grad)`` at ``params``; averaged over ``axis_name`` when ``reduce``."""
         if self.axis_name is not None:

@@ -158,7 +158,8 @@ def nso(
     The clean pass at ``w`` is evaluated only when it is needed: when ``has_aux`` (its aux — e.g.
     BatchNorm statistics — is the one reported, as in the official code where only the clean pass
     updates running statistics) or when ``lam`` is not the literal 0 (a schedule or an array, as under
-    ``inject_hyperparams``, counts as needed). So the default costs 2k passes, like the paper's count.
+    ``inject_hyperparams``, counts as needed). So the default costs 2k passes, like the paper's count;
+    with ``has_aux`` and λ = 0 the clean pass is a forward pass only (its loss and aux, no gradient).
 
     Args:
       loss_fn: ``loss_fn(params, batch, **loss_kwargs) -> loss`` or ``(loss, aux)``.
@@ -192,7 +193,8 @@ def nso(
     """
     sigma = _check_common(sigma, k, noise)
     lam = guarded("lam", lam, low=0.0, high=1.0)
-    clean_pass = has_aux or not (isinstance(lam, (int, float)) and lam == 0)
+    clean_grad_needed = not (isinstance(lam, (int, float)) and lam == 0)
+    clean_pass = has_aux or clean_grad_needed
 
     def direction(ctx: StepContext, method_state: PyTree) -> Direction:
         s, lam_t = ctx.value(sigma), ctx.value(lam)
@@ -200,8 +202,12 @@ def nso(
         out, noise_norm = perturbed_probes(ctx, s, k, noise, (1.0, -1.0))
         d = weighted_sum(out.grads, jnp.full((2 * k,), 1.0 / (2 * k)))
         if clean_pass:  # after d (not the 2k gradients): one parameter-sized buffer held through it
-            loss0, aux0, g0 = ctx.value_and_grad(*ctx.after(ctx.params, ctx.batch, d))
-            d = add_scaled(scale(d, 1.0 - lam_t), g0, lam_t)
+            clean_params, clean_batch = ctx.after(ctx.params, ctx.batch, d)
+            if clean_grad_needed:
+                loss0, aux0, g0 = ctx.value_and_grad(clean_params, clean_batch)
+                d = add_scaled(scale(d, 1.0 - lam_t), g0, lam_t)
+            else:  # λ = 0: only its loss and aux are reported, a forward pass is enough
+                loss0, aux0 = ctx.loss_and_aux(clean_params, clean_batch)
             curvature = jnp.mean(out.losses[0::2] + out.losses[1::2] - 2.0 * loss0)
         else:
             loss0, aux0, curvature = jnp.asarray(NAN, ctx.dtype), None, jnp.asarray(NAN, ctx.dtype)
