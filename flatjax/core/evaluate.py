@@ -218,8 +218,9 @@ def materialized(fn: Callable[..., Any], *operands: Any, like: Any) -> Any:
     (``experiments/results/bench_cost.md``). ``lax.optimization_barrier`` does not do this on XLA:CPU
     (the barrier is gone before fusion). The cost: the noise and the point exist together while the
     point is built, so where the parameters dwarf the activations (a wide MLP at batch 4: the peak is
-    there) the step holds 2.1 parameter buffers instead of 1.3. The loop's start is ``min(0, isnan(x))`` for an element ``x``
-    of the operands: always 0 (one trip), but not a constant XLA could use to inline the loop.
+    there) the step holds 2.1 parameter buffers instead of 1.3. The loop's start is ``min(0, isnan(x))``
+    for an element ``x`` of the operands: always 0 (one trip), but not a constant XLA could fold to
+    inline the loop.
     """
     leaves = [x for x in jax.tree.leaves(operands) if hasattr(x, "dtype")]
     start = jnp.int32(0)

@@ -68,10 +68,10 @@ def _rwp_estimator(
 
     def direction(ctx: StepContext, history: PyTree) -> Direction:
         s = ctx.value(sigma)
-        eta_t = ctx.value(eta) if adaptive else None
+        accumulator, eta_t = (history, ctx.value(eta)) if adaptive else (None, 0.0)
 
         def point_and_noise_norm(params):
-            e = perturb.filterwise_gaussian(ctx.key, params, s, history if adaptive else None, eta_t)
+            e = perturb.filterwise_gaussian(ctx.key, params, s, accumulator, eta_t)
             return add_scaled(params, e), global_norm(e)
 
         # stored once, so the noise is dead before the pass (memory) and its consumers stay plain (compile)
