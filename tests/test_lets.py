@@ -163,9 +163,12 @@ FIXED = {
 
 @pytest.mark.parametrize("inner", sorted(FIXED))
 def test_radius_lr_zero_equals_fixed_radius_method(inner):
-    """Same updates, bit for bit, as chain(method(ρ = exp(α₀)), base) over 3 steps (same base state
-    evolution: momentum and decay), and α stays α₀. (Un-jitted here; bit equality under jit was
-    checked too when this was written, and the toy and NaN tests run the jitted step.)"""
+    """Same updates as chain(method(ρ = exp(α₀)), base) over 3 steps (same base state evolution:
+    momentum and decay), and α stays α₀. Bit for bit for SAM/ASAM (un-jitted here; bit equality under jit
+    was checked too when this was written, and the toy and NaN tests run the jitted step). CR-SAM to
+    float32 round-off: its sequential step forms (1 + α + β)∇L+ − 2αg in a compiled loop (stored before
+    the third pass), whose fused arithmetic rounds differently from LETS's op-by-op sum."""
+    tol = {"rtol": 1e-6, "atol": 1e-8} if inner == "crsam" else {"rtol": 0, "atol": 0}
     params, train, val = mlp_params(), make_batch(1, n=16), make_batch(2, n=16)
     base = lambda: optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.3, momentum=0.9))  # noqa: E731
     tx = lets(mlp_loss, base(), inner=inner, radius_optimizer=optax.adam(0.0))
@@ -180,10 +183,10 @@ def test_radius_lr_zero_equals_fixed_radius_method(inner):
         updates, state = step(p, state)
         ref_updates, ref_state = ref_step(q, ref_state)
         for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
         p, q = optax.apply_updates(p, updates), optax.apply_updates(q, ref_updates)
     np.testing.assert_array_equal(np.asarray(state.log_rho), alpha0)
-    assert_tree_close(state.base_state, ref_state[1], rtol=0, atol=0)
+    assert_tree_close(state.base_state, ref_state[1], **tol)
 
 
 # ---- (d) the direction α moves on a toy problem -------------------------------------------------

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from flatjax.core import validate as checks
-from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, after, check_strategy, resolve_auto
+from flatjax.core.evaluate import Evaluator, Probes, ShardMapProbes, Strategy, after, check_strategy
 from flatjax.core.schedule import ScalarOrSchedule, value_at
 from flatjax.core.tree import PyTree, cast_like, compute_dtype, merge, select
 
@@ -147,12 +147,16 @@ class StepContext:
         """
         return self.evaluator.probes(points=points, batches=batches, params=params, batch=batch, reduce=reduce)
 
+    def sequential(self, n_probes: int = 2) -> bool:
+        """Whether :meth:`probes` runs ``n_probes`` probes on this step's batch one after another (the
+        "sequential" strategy, given or resolved from "auto"). A rule may then reorder its work to hold less
+        memory (CR-SAM combines the first probe's gradient before the second pass starts)."""
+        return self.evaluator.resolved_strategy(n_probes, self.batch) == "sequential"
+
     def after(self, params: PyTree, batch: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
         """``(params, batch)``, made to wait for ``grads`` under the "sequential" strategy (one pass at a
         time, so the peak memory is one pass's); unchanged under the parallel strategies."""
-        sequential = self.evaluator.strategy == "sequential" or (
-            self.evaluator.strategy == "auto" and not isinstance(resolve_auto(2, batch), ShardMapProbes))
-        return after(params, batch, grads) if sequential else (params, batch)
+        return after(params, batch, grads) if self.sequential() else (params, batch)
 
     def probes_stacked(self, points: PyTree, batch: PyTree, *, reduce: bool = True) -> Probes:
         """Evaluate at every slice of stacked ``points`` (leaves with a leading probe axis) on one batch,

@@ -319,6 +319,13 @@ class Evaluator:
             grad = jax.lax.pmean(grad, self.axis_name)
         return loss, aux, grad
 
+    def resolved_strategy(self, n_probes: int, batch: PyTree) -> Strategy:
+        """The strategy that runs ``n_probes`` probes on ``batch``: ``"auto"`` resolved (:func:`resolve_auto`;
+        always ``"sequential"`` inside the user's own ``shard_map``, i.e. with ``axis_name``)."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "sequential" if self.axis_name is not None else resolve_auto(n_probes, batch)
+
     def probes(
         self,
         *,
@@ -342,9 +349,7 @@ class Evaluator:
         (n,) = sizes
         point_at = (lambda i: points[i]) if points is not None else (lambda i: params)
         batch_at = (lambda i: batches[i]) if batches is not None else (lambda i: batch)
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "sequential" if self.axis_name is not None else resolve_auto(n, batch_at(0))
+        strategy = self.resolved_strategy(n, batch_at(0))
         if strategy == "sequential" or n == 1:
             results = []
             for i in range(n):
@@ -381,9 +386,7 @@ class Evaluator:
         def run_local(p, b):
             return jax.vmap(lambda pp: self.value_and_grad(pp, b, reduce=reduce))(p)
 
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "sequential" if self.axis_name is not None else resolve_auto(n, batch)
+        strategy = self.resolved_strategy(n, batch)
         if strategy == "sequential":
             return Probes(*jax.lax.map(lambda p: self.value_and_grad(p, batch, reduce=reduce), points))
         if strategy == "vmap":

@@ -3,7 +3,9 @@
 Wu, Luo, Wunsch, "CR-SAM: Curvature Regularized Sharpness-Aware Minimization", AAAI 2024 (official code
 TrustAIoT/CR-SAM). With ``v = g/(‖g‖ + ξ)``, ``L± = L_B(w ± ρv)``, ``L0 = L_B(w)``:
 curvature ``c = L+ + L− − 2L0 ≈ ρ² vᵀHv`` and slope ``s = L+ − L− ≈ 2ρ vᵀg``. The ± passes are
-independent and evaluated together by the probe strategy (2 passes on the critical path).
+independent and evaluated together by the probe strategy (2 passes on the critical path). Under the
+"sequential" strategy the code form folds g and ∇L+ into one stored buffer before the − pass starts
+(:func:`combine_partial`, :func:`combine_rest`), so that pass holds one gradient-sized buffer, not two.
 
 Two forms:
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
-from flatjax.core.evaluate import Shifted, Strategy
+from flatjax.core.evaluate import Shifted, Strategy, materialized
 from flatjax.core.schedule import ScalarOrSchedule
 from flatjax.core.tree import PyTree, global_norm, index, up
 from flatjax.core.validate import check_choice, check_number, guarded
@@ -56,6 +58,16 @@ def combine(grad_plus: PyTree, grad_minus: PyTree, grad: PyTree, wc: jax.Array, 
         return (p32 + wc * (p32 + m32 - 2.0 * g32) + ws * (p32 - m32)).astype(p.dtype)
 
     return jax.tree.map(leaf, grad_plus, grad_minus, grad)
+
+
+def combine_partial(grad_plus: PyTree, grad: PyTree, wc: jax.Array, ws: jax.Array) -> PyTree:
+    """The part of :func:`combine` known before ``∇L−``: ``(1 + wc + ws) ∇L+ − 2 wc g`` (promoted dtype)."""
+    return jax.tree.map(lambda p, g0: (1.0 + wc + ws) * up(p) - 2.0 * wc * up(g0), grad_plus, grad)
+
+
+def combine_rest(partial: PyTree, grad_minus: PyTree, wc: jax.Array, ws: jax.Array) -> PyTree:
+    """:func:`combine` from :func:`combine_partial`'s result: ``partial + (wc − ws) ∇L−``, in ∇L−'s dtype."""
+    return jax.tree.map(lambda q, m: (q + (wc - ws) * up(m)).astype(m.dtype), partial, grad_minus)
 
 
 def crsam(
@@ -121,16 +133,30 @@ def crsam(
         else:
             loss0, aux0, g = ctx.value_and_grad(ctx.params, ctx.batch)
         e = perturb.normalized_ascent(g, r)  # ρ v
-        out = ctx.probes(points=[Shifted(ctx.params, e), Shifted(ctx.params, e, -1.0)], batch=ctx.batch)
-        (lp, lm), gp, gm = out.losses, index(out.grads, 0), index(out.grads, 1)
+        plus, minus = Shifted(ctx.params, e), Shifted(ctx.params, e, -1.0)
+        folded = form == "code" and ctx.sequential()
+        if folded:
+            # α, β are known before the passes: (1 + α + β)∇L+ − 2αg is formed and stored before the third
+            # pass, which then holds one gradient-sized buffer besides its point instead of g and ∇L+ (stored:
+            # XLA would otherwise compute only the elements the tie reads first, and the rest at the end)
+            first = ctx.probes(points=[plus], batch=ctx.batch)
+            grad_plus = index(first.grads, 0)
+            partial = materialized(combine_partial, grad_plus, g, a, b, like=jax.tree.map(up, grad_plus))
+            point, batch = ctx.after(minus, ctx.batch, partial)
+            second = ctx.probes(points=[point], batch=batch)
+            (lp,), (lm,) = first.losses, second.losses
+            d = combine_rest(partial, index(second.grads, 0), a, b)
+        else:
+            out = ctx.probes(points=[plus, minus], batch=ctx.batch)
+            (lp, lm), gp, gm = out.losses, index(out.grads, 0), index(out.grads, 1)
         c, s = lp + lm - 2.0 * loss0, lp - lm
-        if form == "code":
-            wc, ws = a, b
-        else:  # d/dw of α log max(c, floor): α/c where c > floor, 0 where clamped
-            wc = jnp.where(c > log_floor, a / jnp.maximum(c, log_floor), 0.0)
-            ws = jnp.where(s > log_floor, b / jnp.maximum(s, log_floor), 0.0)
-
-        d = combine(gp, gm, g, wc, ws)
+        if not folded:
+            if form == "code":
+                wc, ws = a, b
+            else:  # d/dw of α log max(c, floor): α/c where c > floor, 0 where clamped
+                wc = jnp.where(c > log_floor, a / jnp.maximum(c, log_floor), 0.0)
+                ws = jnp.where(s > log_floor, b / jnp.maximum(s, log_floor), 0.0)
+            d = combine(gp, gm, g, wc, ws)
         grad_norm = global_norm(g)
         safe_r2 = jnp.maximum(r * r, 1e-30)
         diagnostics = {
