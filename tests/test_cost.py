@@ -86,8 +86,9 @@ def test_materialized_is_fn_of_its_operands_whatever_their_values():
 @pytest.mark.parametrize("method", ["rwp", "mrwp"])
 def test_the_noisy_point_is_stored_once_not_fused_into_its_consumers(monkeypatch, method):
     """On a conv net (ResNet-8, batch 32) the perturbed point built inside the one-trip loop replaces the
-    noise; fused into its consumers, the noise stayed live through the pass beside copies of the perturbed
-    kernels (about three parameter buffers more)."""
+    noise; fused into its consumers, the noise stays live through the pass beside copies of the perturbed
+    kernels (measured: one parameter buffer more with the flat noise of ``scaled_noise``; about three with
+    the per-leaf noise before it)."""
     from flatjax.methods import rwp as rwp_module
 
     problem = bench_cost.make_problem("cnn", batch_size=32)
@@ -95,7 +96,7 @@ def test_the_noisy_point_is_stored_once_not_fused_into_its_consumers(monkeypatch
     stored = bench_cost.step_cost(*problem, method)["temp"]
     monkeypatch.setattr(rwp_module, "materialized", lambda fn, *operands, like: fn(*operands))
     fused = bench_cost.step_cost(*problem, method)["temp"]
-    assert stored <= fused - param_bytes, ((fused - stored) / param_bytes)
+    assert stored <= fused - 0.75 * param_bytes, ((fused - stored) / param_bytes)
 
 
 def test_crsam_sequential_folds_two_gradients_into_one_buffer_before_its_third_pass(monkeypatch):

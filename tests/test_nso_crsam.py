@@ -170,7 +170,7 @@ def test_noise_families_have_the_documented_scale(noise):
     """Unit variance before σ for i.i.d. noises; σ‖w_f‖ per filter for the filter-wise one."""
     params = {"kernel": jnp.ones((200, 300)) * jnp.arange(1, 301) / 300.0}
     from flatjax.methods.nso import draw_noise
-    u = draw_noise(jax.random.key(0), params, jnp.float32(0.1), noise)["kernel"]
+    u = draw_noise(jax.random.key(0), params, jnp.float32(0.1), noise)[0]["kernel"]
     if noise == "filterwise":
         per_filter_std = np.std(np.asarray(u), axis=0)
         expected = 0.1 * np.sqrt(200) * np.arange(1, 301) / 300.0

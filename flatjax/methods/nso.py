@@ -23,18 +23,20 @@ from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
 from flatjax.core.evaluate import Shifted, Strategy, materialized
 from flatjax.core.schedule import ScalarOrSchedule
-from flatjax.core.tree import PyTree, add_scaled, global_norm, scale, weighted_sum
+from flatjax.core.tree import PyTree, add_scaled, cast_like, scale, weighted_sum
 from flatjax.core.validate import check_choice, check_positive_int, guarded
 
 #: Noise families: absolute-scale i.i.d. (the NSO code's options) or RWP's filter-wise Gaussian.
 NOISES = perturb.NOISE_DISTRIBUTIONS + ("filterwise",)
 
 
-def draw_noise(key: jax.Array, params: PyTree, sigma: jax.Array, noise: str) -> PyTree:
-    """One perturbation ``U``: ``σ z`` (z unit-variance i.i.d.) or filter-wise ``σ ‖w_f‖ z``."""
+def draw_noise(key: jax.Array, params: PyTree, sigma: jax.Array, noise: str) -> tuple[PyTree, jax.Array]:
+    """One perturbation ``U`` and ``‖U‖``: ``σ z`` (z unit-variance i.i.d.) or filter-wise ``σ ‖w_f‖ z``."""
     if noise == "filterwise":
-        return perturb.filterwise_gaussian(key, params, sigma)
-    return perturb.isotropic_noise(key, params, sigma, noise)
+        u, norm = perturb.scaled_noise(key, params, perturb.filterwise_scales(params, sigma))
+    else:
+        u, norm = perturb.scaled_noise(key, params, jax.tree.map(lambda _: sigma, params), noise)
+    return cast_like(u, params), norm
 
 
 #: Above this many noise draws the probes are built and evaluated stacked, tracing one gradient pass
@@ -49,17 +51,13 @@ def perturbed_probes(ctx: StepContext, s: jax.Array, k: int, noise: str, signs: 
     """
     keys = jax.random.split(ctx.key, k)
     if k <= UNROLL_MAX_K:
-        def noise_and_norm(kk):
-            u = draw_noise(kk, ctx.params, s, noise)
-            return u, global_norm(u)
-
         # each U_i stored once with its norm (the chunked draw is dead before the passes), and the points
         # built where the strategy evaluates them (sequential: each once the previous pass is done)
         like = (ctx.params, jnp.zeros((), ctx.dtype))
-        noises, norms = zip(*[materialized(noise_and_norm, kk, like=like) for kk in keys])
+        noises, norms = zip(*[materialized(draw_noise, kk, ctx.params, s, noise, like=like) for kk in keys])
         points = [Shifted(ctx.params, u, sign) for u in noises for sign in signs]
         return ctx.probes(points=points, batch=ctx.batch), norms[0]
-    noises = jax.vmap(lambda kk: draw_noise(kk, ctx.params, s, noise))(keys)  # leaves (k, ...)
+    noises, norms = jax.vmap(lambda kk: draw_noise(kk, ctx.params, s, noise))(keys)  # leaves (k, ...)
     n = k * len(signs)
 
     def stacked(w, u):
@@ -67,7 +65,7 @@ def perturbed_probes(ctx: StepContext, s: jax.Array, k: int, noise: str, signs: 
         return pts.reshape((n,) + jnp.shape(w))
 
     points = jax.tree.map(stacked, ctx.params, noises)
-    return ctx.probes_stacked(points, ctx.batch), global_norm(jax.tree.map(lambda u: u[0], noises))
+    return ctx.probes_stacked(points, ctx.batch), norms[0]
 
 
 def _check_common(sigma, k, noise):

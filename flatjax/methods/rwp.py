@@ -24,7 +24,7 @@ from flatjax.core import perturb
 from flatjax.core.estimator import NAN, Direction, Estimator, StepContext, rule_estimator
 from flatjax.core.evaluate import Strategy, materialized
 from flatjax.core.schedule import ScalarOrSchedule
-from flatjax.core.tree import PyTree, add_scaled, compute_dtype, global_norm, index, up
+from flatjax.core.tree import PyTree, add_scaled, compute_dtype, index, up
 from flatjax.core.validate import guarded
 
 
@@ -71,8 +71,8 @@ def _rwp_estimator(
         accumulator, eta_t = (history, ctx.value(eta)) if adaptive else (None, 0.0)
 
         def point_and_noise_norm(params):
-            e = perturb.filterwise_gaussian(ctx.key, params, s, accumulator, eta_t)
-            return add_scaled(params, e), global_norm(e)
+            e, norm = perturb.scaled_noise(ctx.key, params, perturb.filterwise_scales(params, s, accumulator, eta_t))
+            return add_scaled(params, e), norm
 
         # stored once, so the noise is dead before the pass (memory) and its consumers stay plain (compile)
         perturbed, noise_norm = materialized(point_and_noise_norm, ctx.params,
