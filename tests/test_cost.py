@@ -52,6 +52,35 @@ def test_noise_is_one_traced_draw_whatever_the_number_of_leaves():
     assert threefry_ops(30) == threefry_ops(3) > 0
 
 
+def test_scaled_noise_is_scales_times_the_unit_noise_with_its_norm_in_one_reduction():
+    """``scaled_noise`` gives ``scales · unit_noise`` (same numbers) and its global norm, per-filter and scalar
+    scales and a bfloat16 leaf included; the norm is one reduction over the flat noise, whatever the number
+    of leaves (62 per-leaf norms were about 40% of the RWP noise code's compile time on ResNet-18)."""
+    from flatjax.core.tree import global_norm
+
+    params = {"k": jax.random.normal(jax.random.key(1), (3, 3, 4, 5)), "b": jnp.ones((5,)),
+              "h": jnp.full((6, 2), 0.5, jnp.bfloat16)}
+    scales = perturb.filterwise_scales(params, 0.1)
+    scales["b"] = jnp.float32(0.3)  # a scalar scale broadcasts too
+    key = jax.random.key(5)
+    e, norm = perturb.scaled_noise(key, params, scales)
+    z = perturb.unit_noise(key, params)
+    for name in params:
+        assert e[name].dtype == jnp.float32 and e[name].shape == params[name].shape
+        np.testing.assert_allclose(np.asarray(e[name]), np.asarray(scales[name] * z[name]), rtol=1e-6)
+    np.testing.assert_allclose(float(norm), float(global_norm(e)), rtol=1e-5)
+    gaussian = perturb.filterwise_gaussian(key, params, 0.1)
+    np.testing.assert_allclose(np.asarray(gaussian["k"]), np.asarray(e["k"]), rtol=1e-6)
+    assert gaussian["h"].dtype == jnp.bfloat16
+
+    def reductions(n_leaves):
+        tree = {str(i): jnp.zeros((7, 5)) for i in range(n_leaves)}
+        jaxpr = jax.make_jaxpr(lambda k: perturb.scaled_noise(k, tree, jax.tree.map(lambda _: 1.0, tree)))(key)
+        return str(jaxpr).count("reduce_sum")
+
+    assert reductions(30) == reductions(3) == 1
+
+
 @pytest.mark.parametrize("distribution", perturb.NOISE_DISTRIBUTIONS)
 def test_chunked_noise_is_unit_variance_and_independent_across_leaves_and_chunks(monkeypatch, distribution):
     monkeypatch.setattr(perturb, "NOISE_CHUNK", 1000)  # leaves span chunk boundaries
