@@ -153,7 +153,7 @@ def test_crsam_sequential_folds_two_gradients_into_one_buffer_before_its_third_p
         return step.lower(*args).compile().memory_analysis().temp_size_in_bytes, step(*args)
 
     folded, d_folded = temp_and_direction()
-    monkeypatch.setattr(StepContext, "sequential", lambda self, n_probes=2: False)  # both − and + at the end
+    monkeypatch.setattr(StepContext, "sequential", lambda self, n_probes=2: False)  # one ± probes call, combined after
     unfolded, d_unfolded = temp_and_direction()
     assert folded <= unfolded - 0.9 * param_bytes, (unfolded - folded) / param_bytes
     for a, b in zip(jax.tree.leaves(d_folded), jax.tree.leaves(d_unfolded)):
