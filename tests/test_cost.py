@@ -10,6 +10,7 @@ import pytest
 
 import flatjax
 from experiments import bench_cost
+from flat_toys import make_batch, mlp_loss, mlp_params
 from flatjax.core import perturb
 
 
@@ -134,20 +135,11 @@ def test_crsam_sequential_folds_two_gradients_into_one_buffer_before_its_third_p
     buffers make the peak (measured: 2.0 against 3.0 parameter buffers); same direction either way."""
     from flatjax.core.estimator import StepContext
 
-    def loss_fn(p, b):
-        h = b["x"]
-        for i in range(3):
-            h = jnp.tanh(h @ p[f"w{i}"] + p[f"b{i}"])
-        return jnp.mean((h - b["y"]) ** 2)
-
-    keys, width = jax.random.split(jax.random.key(0), 3), 256
-    params = {f"w{i}": jax.random.normal(keys[i], (width, width)) / 16 for i in range(3)}
-    params |= {f"b{i}": jnp.zeros(width) for i in range(3)}
-    batch = {"x": jnp.ones((8, width)), "y": jnp.zeros((8, width))}
+    params, batch = mlp_params(sizes=(256, 256, 256, 256)), make_batch(n=8, d=256, classes=256)
     param_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
 
     def temp_and_direction():
-        est = flatjax.estimators.crsam(loss_fn, strategy="sequential")
+        est = flatjax.estimators.crsam(mlp_loss, strategy="sequential")
         step = jax.jit(lambda p, s, b: est.value_and_grad(p, s, b)[1])
         args = (params, est.init(params), batch)
         return step.lower(*args).compile().memory_analysis().temp_size_in_bytes, step(*args)

@@ -191,9 +191,10 @@ def filterwise_gaussian(
 def isotropic_noise(
     key: jax.Array, params: PyTree, sigma: jax.Array, distribution: str = "gaussian"
 ) -> PyTree:
-    """Absolute-scale noise ``U = σ z`` on every leaf (NSO / WP-SGD; Zhang et al., TMLR 2024)."""
-    z = unit_noise(key, params, distribution)
-    return jax.tree.map(lambda n, w: (sigma * n).astype(w.dtype), z, params)
+    """Absolute-scale noise ``U = σ z`` on every leaf (NSO / WP-SGD; Zhang et al., TMLR 2024). For the noise
+    and its norm together: ``scaled_noise(key, params, jax.tree.map(lambda _: sigma, params), distribution)``."""
+    u, _ = scaled_noise(key, params, jax.tree.map(lambda _: sigma, params), distribution)
+    return jax.tree.map(lambda x, w: x.astype(w.dtype), u, params)
 
 
 def accumulate_squares(accumulator: PyTree, grad: PyTree, beta: jax.Array) -> PyTree:
